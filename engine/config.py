@@ -1,0 +1,23 @@
+"""Engine configuration: one frozen dataclass whose fields the server's flags map to one to one."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint folder, .gguf file, or None for the default model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
+    gpu_memory_utilization: float = 0.9  # fraction of free GPU memory (after loading) for the KV cache
+    num_kv_blocks: int | None = None  # overrides both sizes above
+    max_model_len: int | None = None  # default: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: max_model_len (whole prompts run in one step)
+    seed: int = 0  # for requests without a seed of their own
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")

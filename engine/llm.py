@@ -1,0 +1,35 @@
+"""The offline Python API, shaped like vLLM's: `LLM(model=...).generate(prompts, sampling_params)`."""
+from dataclasses import fields
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args):
+        known = {f.name for f in fields(EngineConfig)}
+        if unknown := set(engine_args) - known:
+            raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs come back in the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
+        return [finished[i] for i in ids]

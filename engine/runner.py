@@ -1,0 +1,78 @@
+"""Runs the model on a scheduled batch: owns the device, the weights and the KV-cache tensors."""
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from engine.scheduler import ScheduledBatch
+from models.attention import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """`auto`: float32 on the CPU; on a GPU the checkpoint's dtype, with bfloat16 for float32 ones."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path, checkpoint: ModelConfig):
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype)
+        self.block_size = config.block_size
+        self.model = load_model(model_path, self.dtype, self.device)
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
+        if self.num_blocks < 1:
+            raise ValueError("the KV cache holds no block: give it more memory")
+        shape = (self.num_blocks, self.block_size, checkpoint.num_kv_heads, checkpoint.head_dim)
+        self.kv_caches: list[KVCache] = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(checkpoint.num_layers)]
+        log.warning("KV cache: %d blocks of %d tokens = %d tokens (%s, %s)", self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, self.device, self.dtype)
+
+    def _blocks_that_fit(self, config: EngineConfig, checkpoint: ModelConfig) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * config.gpu_memory_utilization
+        else:
+            budget = config.kv_cache_memory_gib * 2 ** 30
+        bytes_per_block = checkpoint.kv_elements_per_token * self.block_size * self.dtype.itemsize
+        return int(budget // bytes_per_block)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of the last new token of each scheduled sequence, in batch order: [seqs, vocab]."""
+        input_ids, positions, slots, last_indices = [], [], [], []
+        for seq, count in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            span = range(start, start + count)
+            input_ids += seq.token_ids[start:start + count]
+            positions += span
+            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
+            last_indices.append(len(input_ids) - 1)
+        context_lens = [seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        num_prefills = sum(n > 1 for n in batch.num_new_tokens)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tensor = lambda data: torch.tensor(data, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            query_lens=list(batch.num_new_tokens), context_lens=context_lens, num_prefills=num_prefills,
+            slot_mapping=tensor(slots),
+            block_tables=tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]),
+            decode_context_lens=tensor(context_lens[num_prefills:]))
+        hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta)
+        return self.model.compute_logits(hidden[tensor(last_indices)])

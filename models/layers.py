@@ -1,0 +1,102 @@
+"""Building blocks shared by the architectures."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 whatever the activation dtype, as the reference implementations do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of the same input in one matmul; checkpoints load them shard by shard."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        self.shard_sizes = shard_sizes
+
+    def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
+        start = sum(self.shard_sizes[:index])
+        getattr(self, name).data[start:start + self.shard_sizes[index]].copy_(tensor)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = FusedLinear(hidden, [intermediate, intermediate], bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _inv_freq(head_dim: int, theta: float | torch.Tensor) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    return 1.0 / theta ** exponents
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1: divide low frequencies by `factor`, keep high ones, blend the band between."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding of the two halves of each head, on `[tokens, heads, head_dim]`.
+
+    Dynamic NTK scaling follows transformers: the base grows with the length of the sequence a token
+    belongs to at the step it is computed, so it needs each token's sequence length.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_position: int):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling, self.max_position = head_dim, theta, scaling, max_position
+        inv_freq = _inv_freq(head_dim, theta)
+        if scaling.kind == "linear":
+            inv_freq = inv_freq / scaling.factor
+        elif scaling.kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        self.inv_freq = inv_freq  # a plain tensor, not a buffer, so that models can be built on "meta"
+
+    @property
+    def needs_seq_lens(self) -> bool:
+        return self.scaling.kind == "dynamic"
+
+    def _dynamic_inv_freq(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        dim, factor = self.head_dim, self.scaling.factor
+        seq_lens = seq_lens.cpu().clamp(min=self.max_position).float()
+        base = self.theta * ((factor * seq_lens / self.max_position) - (factor - 1)) ** (dim / (dim - 2))
+        return _inv_freq(dim, base[:, None])
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token, `[tokens, 1, head_dim / 2]`, computed once for all layers."""
+        inv_freq = self._dynamic_inv_freq(seq_lens) if self.needs_seq_lens else self.inv_freq[None, :]
+        freqs = positions[:, None].float() * inv_freq.to(positions.device)
+        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary layout: element i pairs with element i + head_dim / 2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

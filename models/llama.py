@@ -1,0 +1,123 @@
+"""Llama (LLaMA, Llama-2/3, SmolLM2 and other Llama-family checkpoints), as transformers defines it."""
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache, PagedAttention
+from models.config import ModelConfig
+from models.layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, rotate_halves
+
+# Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        head_dim = self.attn.head_dim
+        q = rotate_halves(q.view(-1, self.attn.num_heads, head_dim), *rope)
+        k = rotate_halves(k.view(-1, self.attn.num_kv_heads, head_dim), *rope)
+        return self.o_proj(self.attn(q, k, v.view(-1, self.attn.num_kv_heads, head_dim), cache, meta))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x, rope, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """A flat batch of tokens in, their final hidden states out: [tokens, hidden]."""
+        h = self.model.embed_tokens(input_ids)
+        seq_lens = meta.seq_len_per_token if self.rotary.needs_seq_lens else None
+        rope = self.rotary(positions, h.dtype, seq_lens)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            h = layer(h, rope, cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters; every one must be filled."""
+        params = dict(self.named_parameters())
+        missing = set(params)
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if self.lm_head is None and name == "lm_head.weight":
+                continue  # some tied checkpoints store a copy of the embedding anyway
+            module_path, _, attr = name.rpartition(".")
+            module, _, proj = module_path.rpartition(".")
+            if proj in _FUSED:
+                fused, shard = _FUSED[proj]
+                self.get_submodule(f"{module}.{fused}").load_shard(shard, attr, tensor)
+                missing.discard(f"{module}.{fused}.{attr}")
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+            params[name].data.copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:5]}")
+
+    @staticmethod
+    def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
+        """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections."""
+        base, _, attr = name.rpartition(".")
+        if base in _GGUF_GLOBAL:
+            return f"{_GGUF_GLOBAL[base]}.{attr}", tensor
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+        if match is None or match[2] not in _GGUF_LAYER:
+            raise ValueError(f"unexpected GGUF tensor {name!r}")
+        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(match[2])
+        if heads is not None:
+            tensor = _unpermute_rotary(tensor, heads)
+        return f"model.layers.{match[1]}.{_GGUF_LAYER[match[2]]}.{attr}", tensor
+
+
+def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp stores each head's rows as interleaved pairs; Hugging Face as two halves."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

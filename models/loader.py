@@ -1,0 +1,81 @@
+"""Checkpoint to model: Hugging Face folders (safetensors, single or sharded) and GGUF files."""
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from models.config import ModelConfig, config_from_gguf, config_from_hf
+from models.registry import model_class
+
+_GGUF_FILE_DTYPES = {gguf.LlamaFileType.MOSTLY_F16: torch.float16, gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
+
+
+def read_gguf_metadata(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if path.suffix == ".gguf":
+        reader = gguf.GGUFReader(path)
+        return _gguf_config(reader)
+    return config_from_hf(json.loads((path / "config.json").read_text()))
+
+
+def _gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
+    meta = read_gguf_metadata(reader)
+    # Quantized tensors dequantize to float32; a file of float16 or bfloat16 weights keeps that dtype.
+    dtype = _GGUF_FILE_DTYPES.get(meta.get("general.file_type"), torch.float32)
+    return config_from_gguf(meta, {t.name for t in reader.tensors}, dtype)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    return files
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in _safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for t in reader.tensors:
+        # GGUF lists dimensions innermost first; numpy's shape (and dequantize's result) is outermost first.
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        array = array.reshape(tuple(reversed([int(d) for d in t.shape])))
+        if not array.flags.writeable:  # unquantized tensors come straight from the read-only memory map
+            array = array.copy()
+        yield model_cls.gguf_to_hf(t.name, torch.from_numpy(array), cfg)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build the model for the checkpoint at `path` on `device` in `dtype` and fill its weights."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        reader = gguf.GGUFReader(path)
+        cfg = _gguf_config(reader)
+        cls = model_class(cfg.architecture)
+        weights = _iter_gguf(reader, cls, cfg)
+    else:
+        cfg = load_config(path)
+        cls = model_class(cfg.architecture)
+        weights = _iter_safetensors(path)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_weights(weights)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,101 @@
+"""Tokenizers from `tokenizer.json` folders and from GGUF vocabularies, as `tokenizers.Tokenizer`s."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+# llama.cpp's pre-tokenizer names for byte-level BPE vocabularies, and how each splits text first.
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass
+class Tokenizer:
+    backend: Backend
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # every id that ends generation: the tokenizer's EOS and the model's
+    chat_template: str | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+
+def _bos_post_processor(bos: str, bos_id: int) -> processors.TemplateProcessing:
+    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                         special_tokens=[(bos, bos_id)])
+
+
+def _token_content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    return _from_gguf(path) if path.suffix == ".gguf" else _from_folder(path)
+
+
+def _from_folder(folder: Path) -> Tokenizer:
+    backend = Backend.from_file(str(folder / "tokenizer.json"))
+    cfg_file, gen_file = folder / "tokenizer_config.json", folder / "generation_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))
+    bos_id = backend.token_to_id(bos) if bos else None
+    if "add_bos_token" in cfg and bos_id is not None:  # the flag overrides tokenizer.json, as in transformers
+        backend.post_processor = _bos_post_processor(bos, bos_id) if cfg["add_bos_token"] else None
+    eos_ids = [backend.token_to_id(eos)] if eos else []
+    if gen_file.exists():
+        gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    template = cfg.get("chat_template")
+    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+                     template if isinstance(template, str) else None)
+
+
+def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama3", "llama-bpe", "llama-v3"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's own split
+
+
+def _from_gguf(file: Path) -> Tokenizer:
+    reader = gguf.GGUFReader(file)
+    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    kind = meta("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}")
+    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
+    backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(meta("tokenizer.ggml.pre", "gpt2"))
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>, ...) are special: matched whole and skipped when decoding;
+    # user-defined ones are matched whole but are ordinary text.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    bos_id, eos_id = meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")
+    if meta("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+        backend.post_processor = _bos_post_processor(tokens[bos_id], bos_id)
+    eos_ids = [eos_id, meta("tokenizer.ggml.eot_token_id"), meta("tokenizer.ggml.eom_token_id")]
+    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+                     meta("tokenizer.chat_template"))
