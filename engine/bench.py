@@ -1,0 +1,80 @@
+"""Throughput against transformers' `generate`, same model and machine, in one run.
+
+    python -m engine.bench [--model PATH] [--requests 64] [--prompt-len 100] [--new-tokens 128]
+
+Needs the test extra (transformers, accelerate). Prints generated tokens per second of both and
+their ratio, for a batch of requests and for a single request.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from models.default_model import resolve_model
+
+_TEXT = ("The history of computing is a story of people who wanted to think faster than their tools "
+         "allowed. From the abacus to the mechanical calculators of the seventeenth century, from "
+         "punched cards to vacuum tubes and transistors, each generation built machines that made the "
+         "previous generation's hardest problems routine. ")
+
+
+def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` distinct prompts of exactly `length` tokens."""
+    ids = tokenizer.encode(_TEXT * (1 + 2 * length // len(_TEXT.split())), add_special_tokens=False)
+    return [ids[i:i + length] for i in range(count)]
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
+    return len(prompts) * new_tokens / elapsed
+
+
+def run_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
+    """Batched and left-padded, as transformers documents batched generation."""
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == width + new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(args.model)
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    hf_args = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    hf = AutoModelForCausalLM.from_pretrained(path.parent if hf_args else path, dtype=torch.float32, **hf_args).eval()
+    tokenizer = llm.get_tokenizer()
+    pad_id = tokenizer.eos_token_ids[0]
+    prompts = make_prompts(tokenizer, args.requests, args.prompt_len)
+    run_ours(llm, prompts[:2], 4)  # warm-up
+    run_transformers(hf, prompts[:2], 4, pad_id)
+    print(f"model {Path(path).name}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
+    print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
+    for name, batch in ((f"{args.requests} requests", prompts), ("1 request", prompts[:1])):
+        ours = run_ours(llm, batch, args.new_tokens)
+        theirs = run_transformers(hf, batch, args.new_tokens, pad_id)
+        print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

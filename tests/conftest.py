@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from models.default_model import resolve_model
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched once into the user cache."""
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def llm(default_model_path):
+    from engine import LLM
+    return LLM(str(default_model_path))
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    """transformers' own GGUF loading of the same file: the oracle."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(default_model_path.parent, gguf_file=default_model_path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model_path.parent, gguf_file=default_model_path.name)
+
+
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "How do I reverse a list in Python?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for sleeping better.",
+]
+
+
+def chat_prompt(question: str) -> str:
+    """SmolLM2's ChatML layout with its default system prompt, as its template renders it."""
+    return ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")

@@ -1,0 +1,31 @@
+"""Drive a model directly on a small paged cache, without the engine (for parity tests)."""
+import torch
+
+from models.attention import AttentionMetadata
+
+
+class SingleSequence:
+    """One sequence written into a private block pool, `block_size` tokens a block."""
+
+    def __init__(self, model, capacity: int, block_size: int = 4):
+        cfg = model.config
+        num_blocks = -(-capacity // block_size)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.model, self.block_size = model, block_size
+        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+        # Use the blocks in reverse so that block order and token order differ.
+        self.table = torch.arange(num_blocks - 1, -1, -1)
+        self.length = 0
+
+    @torch.inference_mode()
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Append tokens; returns the logits of each new position, [len(ids), vocab]."""
+        positions = torch.arange(self.length, self.length + len(ids))
+        self.length += len(ids)
+        slots = self.table[positions // self.block_size] * self.block_size + positions % self.block_size
+        prefill = len(ids) > 1
+        meta = AttentionMetadata(
+            query_lens=[len(ids)], context_lens=[self.length], num_prefills=int(prefill), slot_mapping=slots,
+            block_tables=self.table[None], decode_context_lens=torch.tensor([] if prefill else [self.length]))
+        hidden = self.model(torch.tensor(ids), positions, self.caches, meta)
+        return self.model.compute_logits(hidden)

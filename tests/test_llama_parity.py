@@ -1,0 +1,68 @@
+"""Our Llama against transformers' LlamaForCausalLM on tiny random checkpoints, in float32."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+
+from models.loader import load_model
+from tests.helpers import SingleSequence
+
+BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=32, rms_norm_eps=1e-5, initializer_range=0.1)
+CONFIGS = {
+    "mha-untied": {},
+    "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa-head-dim": dict(num_key_value_heads=1, head_dim=24),
+    "biases": dict(attention_bias=True, mlp_bias=True, num_key_value_heads=2),
+    "rope-linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
+    "rope-dynamic": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "rope-llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                         "rope_theta": 500000.0}),
+}
+PROMPT_LEN, DECODE_STEPS = 40, 8  # past max_position_embeddings, so that dynamic scaling takes effect
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """transformers leaves norms at 1 and biases at 0; random ones catch swapped or missing tensors."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    torch.manual_seed(0)
+    hf = HFLlama(LlamaConfig(**{**BASE, **CONFIGS[request.param]})).eval()
+    _randomize_norms(hf)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder, max_shard_size="100KB")  # sharded, with model.safetensors.index.json
+    assert (folder / "model.safetensors.index.json").exists()
+    return hf, load_model(folder, torch.float32, torch.device("cpu"))
+
+
+def test_prefill_logits_match(pair):
+    hf, ours = pair
+    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = hf(ids[None]).logits[0]
+    got = SingleSequence(ours, PROMPT_LEN).feed(ids.tolist())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_cached_decode_matches_incremental_transformers(pair):
+    """Prefill then one token at a time through paged blocks, as transformers' cached generation does."""
+    hf, ours = pair
+    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(2))
+    seq = SingleSequence(ours, PROMPT_LEN + DECODE_STEPS, block_size=3)
+    with torch.inference_mode():
+        out = hf(ids[None], use_cache=True)
+        torch.testing.assert_close(seq.feed(ids.tolist())[-1], out.logits[0, -1], atol=1e-4, rtol=0)
+        token = out.logits[0, -1].argmax()
+        for _ in range(DECODE_STEPS):
+            out = hf(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            got = seq.feed([int(token)])[-1]
+            torch.testing.assert_close(got, out.logits[0, -1], atol=1e-4, rtol=0)
+            token = out.logits[0, -1].argmax()

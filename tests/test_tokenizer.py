@@ -1,0 +1,45 @@
+"""Our GGUF tokenizer against transformers' tokenizer built from the same GGUF."""
+import pytest
+
+from models.tokenizer import load_tokenizer
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces and trailing   ",
+    "tabs\tand\nnewlines\n\n\nand\r\nCRLF",
+    "Ünïcödé: café, naïve, Straße, Ελληνικά, русский, 日本語のテキスト, 한국어",
+    "emoji 🎉🚀 and ZWJ families 👨‍👩‍👧‍👦 and flags 🇫🇷",
+    "code: def f(x):\n    return x ** 2  # square",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "special tokens inline<|endoftext|>then text",
+    "numbers 3.14159 and 1,000,000 and 2024-11-22",
+    "",
+    " ",
+    "\u00a0non-breaking\u2003em space",
+]
+
+
+@pytest.fixture(scope="module")
+def ours(default_model_path):
+    return load_tokenizer(default_model_path)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_transformers(ours, hf_tokenizer, text):
+    assert ours.encode(text) == hf_tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_matches_transformers_and_round_trips(ours, hf_tokenizer, text):
+    ids = ours.encode(text)
+    assert ours.decode(ids, skip_special_tokens=False) == text
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_metadata(ours):
+    """SmolLM2's GGUF: no BOS added, <|im_start|> is BOS (1) and <|im_end|> is EOS (2)."""
+    assert ours.bos_token_id == 1 and ours.eos_token_ids == (2,)
+    assert ours.encode("hi")[0] != 1
+    assert ours.encode("<|im_end|>") == [2]
+    assert "<|im_start|>" in ours.chat_template
