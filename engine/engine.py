@@ -60,15 +60,13 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if bad := [t for t in ids if not 0 <= t < self.model_config.vocab_size]:
             raise ValueError(f"token ids outside the vocabulary (0..{self.model_config.vocab_size - 1}): {bad[:5]}")
-        max_tokens = params.max_tokens or self.max_model_len - len(ids)
-        total = len(ids) + max_tokens
-        if total > self.max_model_len or max_tokens < 1:
-            raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
-                             f"{total}, over the model's context length of {self.max_model_len} tokens")
         cache_tokens = self.pool.num_blocks * self.config.block_size
-        if total > cache_tokens:
-            raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
-                             f"{total}, over the KV cache's capacity of {cache_tokens} tokens")
+        max_tokens = params.max_tokens or min(self.max_model_len, cache_tokens) - len(ids)  # None: all that fits
+        total = len(ids) + max_tokens
+        for limit, what in ((self.max_model_len, "the model's context length"), (cache_tokens, "the KV cache's capacity")):
+            if total > limit or max_tokens < 1:
+                raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
+                                 f"{total}, over {what} of {limit} tokens")
         return max_tokens
 
     def abort(self, request_id: str) -> None:

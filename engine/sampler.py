@@ -19,6 +19,7 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[int]:
         for row, request in enumerate(requests):
             if request.banned_token_ids:

@@ -1,0 +1,58 @@
+"""Incremental detokenization with the real SmolLM2 tokenizer."""
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer
+from models.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path):
+    return load_tokenizer(default_model_path)
+
+
+def _stream(tokenizer, text: str, stop=(), prompt="Say:"):
+    """Feed `text` token by token; returns the visible text after each token and the detokenizer."""
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), list(stop), skip_special_tokens=True)
+    seen = []
+    for token in tokenizer.encode(text):
+        detok.add_token(token)
+        seen.append(detok.visible_text(finished=False))
+        if detok.stop_string:
+            break
+    return seen, detok
+
+
+def test_multibyte_characters_are_never_split(tokenizer):
+    text = "party 🎉 time 日本語 ok 👨‍👩‍👧"
+    seen, detok = _stream(tokenizer, text)
+    assert detok.text == text
+    assert all("\ufffd" not in s for s in seen)
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))  # text only ever grows
+    assert len(tokenizer.encode("🎉")) > 1  # the emoji really spans several byte-level tokens
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_shown(tokenizer):
+    seen, detok = _stream(tokenizer, "The answer is forty-two, my friend.", stop=["forty-two"])
+    assert detok.stop_string == "forty-two"
+    assert detok.text == "The answer is "
+    assert not any("forty" in s for s in seen)
+
+
+def test_earliest_stop_string_wins(tokenizer):
+    _, detok = _stream(tokenizer, "alpha beta gamma", stop=["gamma", "beta"])
+    assert detok.stop_string == "beta" and detok.text == "alpha "
+
+
+def test_held_back_prefix_is_released_when_it_does_not_match(tokenizer):
+    seen, detok = _stream(tokenizer, "one two three four", stop=["two thousand"])
+    assert detok.stop_string is None
+    assert "two" not in seen[1]  # " two" might still grow into "two thousand"
+    assert seen[-1] == "one two three four"
+
+
+def test_flush_at_the_end_emits_an_incomplete_character(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [], [], skip_special_tokens=True)
+    detok.add_token(tokenizer.encode("🎉")[0])
+    assert detok.text == ""
+    detok.flush()
+    assert detok.text == "\ufffd"

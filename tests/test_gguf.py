@@ -1,0 +1,92 @@
+"""GGUF loading of every supported tensor type, against transformers' own GGUF loading of the same file."""
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM as HFLlama
+
+from models.loader import load_model
+from tests.helpers import SingleSequence
+
+CFG = dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+           tie_word_embeddings=False)
+HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# K-quant blocks: (bytes per 256 values, byte offsets of their float16 scales). gguf cannot quantize
+# to these, so their blocks are random bytes with sane scales, which both loaders must read alike.
+K_BLOCKS = {Q.Q4_K: (144, (0, 2)), Q.Q6_K: (210, (208,))}
+
+
+def _gguf_name(name: str) -> str:
+    module, attr = name.rsplit(".", 1)
+    if module.startswith("model.layers."):
+        _, _, index, rest = module.split(".", 3)
+        return f"blk.{index}.{HF_TO_GGUF[rest]}.{attr}"
+    return f"{HF_TO_GGUF[module]}.{attr}"
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's rotary row order for Q and K: each head's two halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _random_k_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    block_bytes, scale_offsets = K_BLOCKS[qtype]
+    blocks = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        blocks[:, :, offset:offset + 2] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(hf: HFLlama, path, qtype: Q) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(CFG["max_position_embeddings"])
+    writer.add_embedding_length(CFG["hidden_size"])
+    writer.add_block_count(CFG["num_hidden_layers"])
+    writer.add_feed_forward_length(CFG["intermediate_size"])
+    writer.add_head_count(CFG["num_attention_heads"])
+    writer.add_head_count_kv(CFG["num_key_value_heads"])
+    writer.add_rope_freq_base(CFG["rope_theta"])
+    writer.add_layer_norm_rms_eps(CFG["rms_norm_eps"])
+    writer.add_vocab_size(CFG["vocab_size"])
+    rng = np.random.default_rng(0)
+    for name, tensor in hf.state_dict().items():
+        array = tensor.numpy()
+        if ".q_proj." in name or ".k_proj." in name:
+            array = _permute(array, CFG["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"])
+        if array.ndim == 1 or qtype == Q.F32:
+            writer.add_tensor(_gguf_name(name), array.astype(np.float32))
+        elif qtype in K_BLOCKS:
+            writer.add_tensor(_gguf_name(name), _random_k_blocks(*array.shape, qtype, rng), raw_dtype=qtype)
+        else:
+            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    return HFLlama(LlamaConfig(**CFG, initializer_range=0.05)).eval()
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K],
+                         ids=lambda q: q.name)
+def test_logits_match_transformers_gguf_loading(hf_model, tmp_path, qtype):
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(hf_model, path, qtype)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ours = load_model(path, torch.float32, torch.device("cpu"))
+    ids = list(range(3, 40))
+    got = SingleSequence(ours, len(ids)).feed(ids)
+    with torch.inference_mode():
+        expected = theirs(torch.tensor([ids])).logits[0]
+        if qtype == Q.F32:  # also the original weights: the rotary rows were put back in their order
+            torch.testing.assert_close(got, hf_model(torch.tensor([ids])).logits[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

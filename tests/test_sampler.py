@@ -1,0 +1,69 @@
+"""Sampling rules on small hand-made distributions."""
+import math
+
+import pytest
+import torch
+
+from engine.params import SamplingParams
+from engine.sampler import Sampler, SamplingRequest
+
+LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def _draw(params: SamplingParams, n=2000, banned=()) -> torch.Tensor:
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = LOGITS.repeat(n, 1)
+    return torch.tensor(sampler(logits, [SamplingRequest(params, None, list(banned))] * n))
+
+
+def test_greedy_takes_argmax_and_respects_bans():
+    assert set(_draw(SamplingParams(temperature=0), n=5).tolist()) == {0}
+    assert set(_draw(SamplingParams(temperature=0), n=5, banned=[0]).tolist()) == {1}
+
+
+def test_frequencies_follow_the_distribution():
+    counts = torch.bincount(_draw(SamplingParams(temperature=1.0), n=20000), minlength=4) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("params,allowed", [
+    (SamplingParams(top_k=2), {0, 1}),
+    (SamplingParams(top_p=0.7), {0, 1}),  # 0.5 alone is short of 0.7; 0.5 + 0.3 covers it
+    (SamplingParams(top_p=0.45), {0}),
+    (SamplingParams(min_p=0.4), {0, 1}),  # keeps p >= 0.4 * 0.5
+    (SamplingParams(min_p=0.2, top_k=3), {0, 1, 2}),
+])
+def test_filters_keep_exactly_the_allowed_tokens(params, allowed):
+    assert set(_draw(params).tolist()) == allowed
+
+
+def test_low_temperature_sharpens():
+    counts = torch.bincount(_draw(SamplingParams(temperature=0.25), n=4000), minlength=4)
+    assert counts[0] / 4000 > 0.85
+
+
+def test_seeded_request_is_reproducible_whatever_the_batch():
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    alone = Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [SamplingRequest(seeded, _gen(7), [])])
+    others = [SamplingRequest(SamplingParams(temperature=1.0), None, [])] * 5
+    batch = Sampler(torch.device("cpu"), 1)(LOGITS.repeat(6, 1), others[:3] + [SamplingRequest(seeded, _gen(7), [])]
+                                            + others[3:5])
+    assert batch[3] == alone[0]
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                    dict(min_p=2), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
+                                    dict(stop=[""]), dict(stop_token_ids=[-1])])
+def test_invalid_params_raise(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_stop_string_is_normalized_to_a_list():
+    assert SamplingParams(stop="x").stop == ["x"] and math.isclose(SamplingParams().top_p, 1.0)
