@@ -38,10 +38,9 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
         if self.num_blocks < 1:
             raise ValueError("the KV cache holds no block: give it more memory")
-        shape = (self.num_blocks, self.block_size, checkpoint.num_kv_heads, checkpoint.head_dim)
-        self.kv_caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(checkpoint.num_layers)]
+        shape = (2, self.num_blocks, self.block_size, checkpoint.num_kv_heads, checkpoint.head_dim)
+        self.kv_caches: list[KVCache] = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                                         for _ in range(checkpoint.num_layers)]
         log.warning("KV cache: %d blocks of %d tokens = %d tokens (%s, %s)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, self.device, self.dtype)
 

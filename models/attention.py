@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# One layer's cache: (key blocks, value blocks), each [num_blocks, block_size, kv_heads, head_dim].
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# One layer's cache: keys and values, [2, num_blocks, block_size, kv_heads, head_dim].
+KVCache = torch.Tensor
 
 
 @dataclass
@@ -30,6 +30,12 @@ class AttentionMetadata:
         return sum(self.query_lens[:self.num_prefills])
 
     @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[num_decodes, 1, 1, longest context]: which cached positions each one-token sequence sees."""
+        lens = self.decode_context_lens
+        return (torch.arange(int(lens.max()), device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+
+    @cached_property
     def seq_len_per_token(self) -> torch.Tensor:
         """The length of the sequence each token belongs to (dynamic rotary scaling needs it)."""
         lens = torch.tensor(self.context_lens)
@@ -45,27 +51,25 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Returns [tokens, heads * head_dim]."""
-        k_cache, v_cache = cache
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
-        start = 0
+        slots = cache.view(2, -1, self.num_kv_heads, self.head_dim)
+        slots[0].index_copy_(0, meta.slot_mapping, k)
+        slots[1].index_copy_(0, meta.slot_mapping, v)
+        parts, start = [], 0
         for i in range(meta.num_prefills):
             end = start + meta.query_lens[i]
-            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], cache,
-                                           meta.block_tables[i], meta.context_lens[i])
+            parts.append(self._prefill(q[start:end], k[start:end], v[start:end], cache,
+                                       meta.block_tables[i], meta.context_lens[i]))
             start = end
         if start < q.shape[0]:
-            out[start:] = self._decode(q[start:], cache, meta.block_tables[meta.num_prefills:],
-                                       meta.decode_context_lens)
-        return out.flatten(1)
+            parts.append(self._decode(q[start:], cache, meta.block_tables[meta.num_prefills:], meta.decode_mask))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).flatten(1)
 
     def _prefill(self, q, k, v, cache: KVCache, block_table, context_len: int) -> torch.Tensor:
         """One sequence's new tokens attend causally to themselves and to what the cache held before."""
         query_len = q.shape[0]
         mask, causal = None, True
         if context_len > query_len:  # earlier tokens are in the cache already: read them all from there
-            k, v = (_gather(c, block_table[None], context_len)[0] for c in cache)
+            k, v = _gather(cache, block_table[None], context_len)[:, 0]
             offsets = torch.arange(context_len, device=q.device)
             mask = offsets[None, :] <= offsets[context_len - query_len:, None]
             causal = False
@@ -74,18 +78,17 @@ class PagedAttention(nn.Module):
             attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
         return out.transpose(0, 1)
 
-    def _decode(self, q, cache: KVCache, block_tables, context_lens) -> torch.Tensor:
+    def _decode(self, q, cache: KVCache, block_tables, mask) -> torch.Tensor:
         """One new token per sequence, batched; the query heads sharing a KV head attend together."""
-        batch, max_len = q.shape[0], int(context_lens.max())
-        k, v = (_gather(c, block_tables, max_len).transpose(1, 2) for c in cache)  # [B, kv_heads, S, D]
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=self.scale)
+        batch = q.shape[0]
+        k, v = _gather(cache, block_tables, mask.shape[-1]).transpose(2, 3)  # each [B, kv_heads, S, D]
+        q = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
 
-def _gather(blocks: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of each sequence: [seqs, length, kv_heads, head_dim]."""
-    num_blocks = -(-length // blocks.shape[1])
-    return blocks[block_tables[:, :num_blocks]].flatten(1, 2)[:, :length]
+def _gather(cache: KVCache, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys and values of the first `length` cached tokens of each sequence, in one copy:
+    [2, seqs, length, kv_heads, head_dim]."""
+    num_blocks = -(-length // cache.shape[2])
+    return cache[:, block_tables[:, :num_blocks]].flatten(2, 3)[:, :, :length]

@@ -30,11 +30,10 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        head_dim = self.attn.head_dim
-        q = rotate_halves(q.view(-1, self.attn.num_heads, head_dim), *rope)
-        k = rotate_halves(k.view(-1, self.attn.num_kv_heads, head_dim), *rope)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.attn.num_kv_heads, head_dim), cache, meta))
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        heads, kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
+        q, k = rotate_halves(qk.view(-1, heads + kv_heads, head_dim), *rope).split([heads, kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, v.view(-1, kv_heads, head_dim), cache, meta))
 
 
 class LlamaDecoderLayer(nn.Module):

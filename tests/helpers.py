@@ -10,9 +10,9 @@ class SingleSequence:
     def __init__(self, model, capacity: int, block_size: int = 4):
         cfg = model.config
         num_blocks = -(-capacity // block_size)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.model, self.block_size = model, block_size
-        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+        self.caches = [torch.zeros(shape) for _ in range(cfg.num_layers)]
         # Use the blocks in reverse so that block order and token order differ.
         self.table = torch.arange(num_blocks - 1, -1, -1)
         self.length = 0

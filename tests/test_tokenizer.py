@@ -43,3 +43,20 @@ def test_metadata(ours):
     assert ours.encode("hi")[0] != 1
     assert ours.encode("<|im_end|>") == [2]
     assert "<|im_start|>" in ours.chat_template
+
+
+def test_tokenizer_json_folder_with_bos_and_generation_eos(ours, tmp_path):
+    """A Hugging Face folder: tokenizer.json, add_bos_token from tokenizer_config.json, and every EOS id
+    of generation_config.json."""
+    import json
+
+    from models.tokenizer import load_tokenizer as load
+    ours.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"},
+         "chat_template": "{{ messages }}"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    folder = load(tmp_path)
+    assert folder.encode("Hello world") == [1] + ours.encode("Hello world")
+    assert folder.encode("Hello world", add_special_tokens=False) == ours.encode("Hello world")
+    assert folder.eos_token_ids == (2, 0) and folder.chat_template == "{{ messages }}"
