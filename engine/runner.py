@@ -11,6 +11,10 @@ from models.loader import load_model
 
 log = logging.getLogger(__name__)
 
+# On the CPU, activations of more tokens than this overflow the caches and each large temporary is a
+# fresh mmap (page faults on every touch), so a big prefill step runs as several forward passes.
+CPU_TOKENS_PER_FORWARD = 2048
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,6 +38,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype)
         self.block_size = config.block_size
+        self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
         self.model = load_model(model_path, self.dtype, self.device)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
         if self.num_blocks < 1:
@@ -56,22 +61,36 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of the last new token of each scheduled sequence, in batch order: [seqs, vocab]."""
+        groups = self._split(batch.num_new_tokens)
+        return torch.cat([self._forward(batch.seqs[a:b], batch.num_new_tokens[a:b]) for a, b in groups])
+
+    def _split(self, counts: list[int]) -> list[tuple[int, int]]:
+        """Consecutive groups of whole sequences with at most `tokens_per_forward` tokens (or one sequence)."""
+        groups, start, tokens = [], 0, 0
+        for i, count in enumerate(counts):
+            if self.tokens_per_forward and tokens and tokens + count > self.tokens_per_forward:
+                groups.append((start, i))
+                start, tokens = i, 0
+            tokens += count
+        return groups + [(start, len(counts))]
+
+    def _forward(self, seqs: list, counts: list[int]) -> torch.Tensor:
         input_ids, positions, slots, last_indices = [], [], [], []
-        for seq, count in zip(batch.seqs, batch.num_new_tokens):
+        for seq, count in zip(seqs, counts):
             start = seq.num_computed_tokens
             span = range(start, start + count)
             input_ids += seq.token_ids[start:start + count]
             positions += span
             slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
             last_indices.append(len(input_ids) - 1)
-        context_lens = [seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        num_prefills = sum(n > 1 for n in batch.num_new_tokens)
-        width = max(len(seq.block_table) for seq in batch.seqs)
+        context_lens = [seq.num_computed_tokens + n for seq, n in zip(seqs, counts)]
+        num_prefills = sum(n > 1 for n in counts)
+        width = max(len(seq.block_table) for seq in seqs)
         tensor = lambda data: torch.tensor(data, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            query_lens=list(batch.num_new_tokens), context_lens=context_lens, num_prefills=num_prefills,
+            query_lens=list(counts), context_lens=context_lens, num_prefills=num_prefills,
             slot_mapping=tensor(slots),
-            block_tables=tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]),
+            block_tables=tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]),
             decode_context_lens=tensor(context_lens[num_prefills:]))
         hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta)
         return self.model.compute_logits(hidden[tensor(last_indices)])

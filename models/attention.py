@@ -73,10 +73,12 @@ class PagedAttention(nn.Module):
             offsets = torch.arange(context_len, device=q.device)
             mask = offsets[None, :] <= offsets[context_len - query_len:, None]
             causal = False
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
-        return out.transpose(0, 1)
+        # [1, heads, tokens, head_dim]: PyTorch's fused CPU kernel takes only 4-d inputs (3-d ones run the slow
+        # math path).
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1)
 
     def _decode(self, q, cache: KVCache, block_tables, mask) -> torch.Tensor:
         """One new token per sequence, batched; the query heads sharing a KV head attend together."""

@@ -59,10 +59,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding of the two halves of each head, on `[tokens, heads, head_dim]`.
+    """Rotary position embedding, applied to (even, odd) pairs of each head as complex numbers.
 
-    Dynamic NTK scaling follows transformers: the base grows with the length of the sequence a token
-    belongs to at the step it is computed, so it needs each token's sequence length.
+    Llama checkpoints rotate the two halves of a head instead; their Q and K rows are regrouped into
+    pairs at load (see `regroup_rotary`), which leaves q·k unchanged and makes rotation one complex
+    multiply. Dynamic NTK scaling follows transformers: the base grows with the length of the sequence
+    a token belongs to at the step it is computed, so it needs each token's sequence length.
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_position: int):
@@ -85,15 +87,21 @@ class RotaryEmbedding(nn.Module):
         base = self.theta * ((factor * seq_lens / self.max_position) - (factor - 1)) ** (dim / (dim - 2))
         return _inv_freq(dim, base[:, None])
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
-                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, `[tokens, 1, head_dim / 2]`, computed once for all layers."""
+    def forward(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """e^(i·position·freq) for each token, `[tokens, 1, head_dim / 2]` complex, once for all layers."""
         inv_freq = self._dynamic_inv_freq(seq_lens) if self.needs_seq_lens else self.inv_freq[None, :]
         freqs = positions[:, None].float() * inv_freq.to(positions.device)
-        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        return torch.polar(torch.ones_like(freqs), freqs)[:, None, :]
 
 
-def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary layout: element i pairs with element i + head_dim / 2."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of `x` [tokens, heads, head_dim] by the complex `rotation`."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
+def regroup_rotary(w: torch.Tensor, heads: int, to_pairs: bool) -> torch.Tensor:
+    """Reorder the rows of a Q or K projection between the two rotary layouts: each head's halves
+    (Hugging Face's Llama) or its interleaved pairs (llama.cpp's GGUF, and this code)."""
+    groups = (2, -1) if to_pairs else (-1, 2)
+    return w.reshape(heads, *groups, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

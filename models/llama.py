@@ -8,11 +8,14 @@ from torch import nn
 
 from models.attention import AttentionMetadata, KVCache, PagedAttention
 from models.config import ModelConfig
-from models.layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, rotate_halves
+from models.layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, regroup_rotary
 
 # Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+# Projections whose rows are regrouped for the rotary layout, and the config field with their head count.
+_ROTARY_HEADS = {"q_proj": "num_heads", "k_proj": "num_kv_heads"}
 
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -29,10 +32,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, meta: AttentionMetadata):
+    def forward(self, x, rotation: torch.Tensor, cache: KVCache, meta: AttentionMetadata):
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         heads, kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
-        q, k = rotate_halves(qk.view(-1, heads + kv_heads, head_dim), *rope).split([heads, kv_heads], dim=1)
+        q, k = apply_rotary(qk.view(-1, heads + kv_heads, head_dim), rotation).split([heads, kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v.view(-1, kv_heads, head_dim), cache, meta))
 
 
@@ -44,8 +47,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, rope, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
+    def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotation, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -70,9 +73,9 @@ class LlamaForCausalLM(nn.Module):
         """A flat batch of tokens in, their final hidden states out: [tokens, hidden]."""
         h = self.model.embed_tokens(input_ids)
         seq_lens = meta.seq_len_per_token if self.rotary.needs_seq_lens else None
-        rope = self.rotary(positions, h.dtype, seq_lens)
+        rotation = self.rotary(positions, seq_lens)
         for layer, cache in zip(self.model.layers, kv_caches):
-            h = layer(h, rope, cache, meta)
+            h = layer(h, rotation, cache, meta)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -90,6 +93,8 @@ class LlamaForCausalLM(nn.Module):
                 continue  # some tied checkpoints store a copy of the embedding anyway
             module_path, _, attr = name.rpartition(".")
             module, _, proj = module_path.rpartition(".")
+            if proj in _ROTARY_HEADS:
+                tensor = regroup_rotary(tensor, getattr(self.config, _ROTARY_HEADS[proj]), to_pairs=True)
             if proj in _FUSED:
                 fused, shard = _FUSED[proj]
                 self.get_submodule(f"{module}.{fused}").load_shard(shard, attr, tensor)
@@ -104,7 +109,8 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
-        """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections."""
+        """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections, so that
+        both checkpoint formats reach `load_weights` as transformers holds them."""
         base, _, attr = name.rpartition(".")
         if base in _GGUF_GLOBAL:
             return f"{_GGUF_GLOBAL[base]}.{attr}", tensor
@@ -113,10 +119,6 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected GGUF tensor {name!r}")
         heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(match[2])
         if heads is not None:
-            tensor = _unpermute_rotary(tensor, heads)
+            tensor = regroup_rotary(tensor, heads, to_pairs=False)
         return f"model.layers.{match[1]}.{_GGUF_LAYER[match[2]]}.{attr}", tensor
 
-
-def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp stores each head's rows as interleaved pairs; Hugging Face as two halves."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
