@@ -1,0 +1,94 @@
+"""The engine loop in one background thread, with an asyncio face for the server.
+
+The thread owns the `LLMEngine`: requests and aborts reach it as messages, and each step's outputs go
+back to the waiting coroutines through `loop.call_soon_threadsafe`. Cancelling a consumer (a client
+that went away) aborts its request, whose blocks are then freed within a step.
+"""
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can be served any more."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                self._handle(self._inbox.get(block=block) if block else None)
+                while not self._inbox.empty():
+                    self._handle(self._inbox.get_nowait())
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+            log.exception("engine loop died")
+            self.error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"the engine stopped: {exc}"))
+
+    def _handle(self, message) -> None:
+        if message is None:
+            return
+        kind, request_id, payload = message
+        if kind == "abort":
+            self.engine.abort(request_id)
+            return
+        prompt, params, future = payload
+        try:
+            future.set_result(self.engine.add_request(prompt, params, request_id))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to a 400
+            future.set_exception(exc)
+
+    def _deliver(self, request_id: str, item) -> None:
+        if request_id in self._streams:
+            loop, stream = self._streams[request_id]
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it runs; raises ValueError at once if the request cannot run."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        request_id = request_id or uuid.uuid4().hex
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        added: Future = Future()
+        self._inbox.put(("add", request_id, (prompt, params, added)))
+        finished = False
+        try:
+            await asyncio.wrap_future(added)
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            del self._streams[request_id]
+            if not finished:  # cancelled, disconnected or failed: free what the request holds
+                self._inbox.put(("abort", request_id, None))
