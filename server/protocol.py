@@ -46,7 +46,8 @@ class SamplingFields(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        used = [name for name, unused in _NOT_YET.items() if getattr(self, name, None) not in unused]
+        used = [name for name, unused in _NOT_YET.items()
+                if name in type(self).model_fields and getattr(self, name) not in unused]
         if used:
             raise ValueError(f"not supported yet: {', '.join(used)}")
         if self.stream_options is not None and not self.stream:

@@ -1,0 +1,55 @@
+"""`python -m server`: flags (vLLM's names) to the engine and server configurations, then uvicorn."""
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from models.default_model import DEFAULT_MODEL
+from server.app import build_app
+from server.chat import choose_template
+from server.metrics import Metrics
+from server.serving import Served
+
+API_KEY_ENV = "NANOSERVE_API_KEY"  # one key, or several separated by commas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
+    p.add_argument("--model", default=None, help=f"checkpoint folder or .gguf file (default: {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], help=f"repeatable; also ${API_KEY_ENV}")
+    p.add_argument("--chat-template", default=None, help="a file, or a built-in name (chatml, llama-2-chat, ...)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU memory free after loading that the KV cache takes")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides both)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    engine = LLMEngine(config)
+    template = choose_template(args.chat_template, engine.tokenizer.chat_template, engine.model_config.architecture)
+    keys = tuple(args.api_key) + tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
+    served = Served(AsyncLLMEngine(engine), args.served_model_name or args.model or DEFAULT_MODEL, template,
+                    Metrics(engine))
+    uvicorn.run(build_app(served, keys), host=args.host, port=args.port, log_level="info")

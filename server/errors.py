@@ -1,0 +1,66 @@
+"""Every failure as OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def envelope(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(envelope(error.status, error.message, error.code, error.param), error.status,
+                        headers=headers)
+
+
+def _describe(errors: list[dict]) -> tuple[str, str | None]:
+    """A readable message from pydantic's errors, naming the fields; and the first field as `param`."""
+    parts, params = [], []
+    for e in errors:
+        field = ".".join(str(x) for x in e["loc"][1:]) if e["loc"][:1] == ("body",) else ".".join(map(str, e["loc"]))
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown field {field!r}")
+        elif e["type"] == "json_invalid":
+            parts.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', message)}")
+            field = ""
+        else:
+            parts.append(f"{field}: {message}" if field else message)
+        params.append(field or None)
+    return "; ".join(parts), params[0] if params else None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        message, param = _describe(list(exc.errors()))
+        return JSONResponse(envelope(400, message, "invalid_request", param), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(envelope(exc.status_code, message), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(envelope(500, f"internal error: {type(exc).__name__}"), 500)
