@@ -62,8 +62,9 @@ def _from_folder(folder: Path) -> Tokenizer:
         gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
         eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
     template = cfg.get("chat_template")
-    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
-                     template if isinstance(template, str) else None)
+    if isinstance(template, list):  # named templates (Command-R: default, tool_use, rag): take the default
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)), template)
 
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:

@@ -71,20 +71,24 @@ class Served:
                 await queue.put((index, exc))
 
         tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+        generated: dict[int, int | None] = dict.fromkeys(range(len(prompts)), 0)  # None once finished
         try:
-            remaining = len(prompts)
-            while remaining:
+            while any(n is not None for n in generated.values()):
                 index, item = await queue.get()
                 if isinstance(item, Exception):
                     raise ApiError(400, str(item)) if isinstance(item, ValueError) else item
+                generated[index] = len(item.outputs[0].token_ids)
                 if item.finished:
-                    remaining -= 1
-                    self.metrics.finished(len(item.prompt_token_ids), len(item.outputs[0].token_ids),
+                    generated[index] = None
+                    self.metrics.finished(len(prompts[index]), len(item.outputs[0].token_ids),
                                           item.outputs[0].finish_reason)
                 yield index, item
         finally:
             for task in tasks:
                 task.cancel()
+            for index, count in generated.items():
+                if count is not None:  # left before it finished: the engine aborts it
+                    self.metrics.finished(len(prompts[index]), count, "abort")
 
 
 def usage(outputs: list[RequestOutput]) -> dict:

@@ -54,9 +54,9 @@ def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
 
 
-def _post(base_url, path, body, key=KEY, **kwargs):
+def _post(base_url, path, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=60, **kwargs)
+    return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=timeout)
 
 
 def _metrics(base_url) -> dict[str, float]:
@@ -99,6 +99,28 @@ def test_stop_string(client):
     out = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == base.text[:base.text.index(stop)]
+
+
+def test_streamed_text_never_shows_a_stop_string(base_url, client):
+    prompt = "Count: 1, 2, 3, 4, 5, 6"
+    base = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    stop = base[3:9]  # spans several tokens
+    chunks = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True) if c.choices]
+    assert "".join(chunks) == base[:3]
+    assert not any(stop[:2] in "".join(chunks[:i + 1])[3:] for i in range(len(chunks)))
+
+
+def test_non_streaming_disconnect_aborts(base_url):
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        _post(base_url, "/v1/completions", body, timeout=2)
+    deadline = time.time() + 10
+    while time.time() < deadline and _metrics(base_url)["nanoserve:num_requests_running"]:
+        time.sleep(0.1)
+    metrics = _metrics(base_url)
+    assert metrics["nanoserve:num_requests_running"] == 0 and metrics["nanoserve:kv_cache_usage_perc"] == 0
+    assert metrics['nanoserve:request_success_total{finished_reason="abort"}'] >= 1
 
 
 def test_chat_matches_the_offline_api(client, llm, default_model_path):
@@ -172,6 +194,14 @@ def test_auth(base_url):
 ])
 def test_completion_errors(base_url, body, status, code, param, text):
     _assert_error(_post(base_url, "/v1/completions", body), status, code, param, text)
+
+
+def test_chat_content_parts_equal_plain_content(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    a = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=12)
+    b = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12)
+    assert a.choices[0].message.content == b.choices[0].message.content
 
 
 def test_chat_errors(base_url):

@@ -60,3 +60,13 @@ def test_tokenizer_json_folder_with_bos_and_generation_eos(ours, tmp_path):
     assert folder.encode("Hello world") == [1] + ours.encode("Hello world")
     assert folder.encode("Hello world", add_special_tokens=False) == ours.encode("Hello world")
     assert folder.eos_token_ids == (2, 0) and folder.chat_template == "{{ messages }}"
+
+
+def test_named_chat_templates_use_the_default(ours, tmp_path):
+    import json
+
+    from models.tokenizer import load_tokenizer as load
+    ours.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]}))
+    assert load(tmp_path).chat_template == "plain"

@@ -1,0 +1,43 @@
+"""The engine thread's failure path, with a stand-in engine (narrow unit test)."""
+import asyncio
+import time
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine, EngineDeadError
+from engine.params import SamplingParams
+
+
+class _BreaksOnStep:
+    """Accepts requests, then fails on its first step."""
+
+    def __init__(self):
+        self.pending = False
+
+    def add_request(self, prompt, params, request_id):
+        self.pending = True
+        return request_id
+
+    def has_unfinished_requests(self):
+        return self.pending
+
+    def step(self):
+        raise RuntimeError("boom")
+
+    def abort(self, request_id):
+        pass
+
+
+def test_in_flight_requests_hear_of_a_dead_loop_and_new_ones_are_refused():
+    engine = AsyncLLMEngine(_BreaksOnStep())
+
+    async def consume():
+        return [out async for out in engine.generate([1, 2], SamplingParams())]
+    with pytest.raises(EngineDeadError, match="boom"):
+        asyncio.run(consume())
+    deadline = time.time() + 5
+    while engine.alive and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine.alive
+    with pytest.raises(EngineDeadError):
+        asyncio.run(consume())
