@@ -6,7 +6,7 @@ import torch
 from engine.config import EngineConfig
 from engine.scheduler import ScheduledBatch
 from models.attention import AttentionMetadata, KVCache
-from models.config import ModelConfig
+from models.config import DTYPES, ModelConfig
 from models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -14,8 +14,6 @@ log = logging.getLogger(__name__)
 # On the CPU, activations of more tokens than this overflow the caches and each large temporary is a
 # fresh mmap (page faults on every touch), so a big prefill step runs as several forward passes.
 CPU_TOKENS_PER_FORWARD = 2048
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
     """`auto`: float32 on the CPU; on a GPU the checkpoint's dtype, with bfloat16 for float32 ones."""
     if name != "auto":
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype

@@ -40,7 +40,7 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _rope_scaling(params: dict[str, Any] | None, max_position: int) -> RopeScaling:
@@ -80,7 +80,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
-        dtype=_DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),
+        dtype=DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),
     )
 
 

@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn

@@ -7,8 +7,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from server import errors
 from server.auth import require_key
 from server.errors import ApiError
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id,
-                             now)
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, now
 from server.serving import Exchange, Served, chat_inputs, completion_inputs
 
 
@@ -29,9 +28,13 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
     errors.install(app)
     guarded = [Depends(require_key(api_keys))]
 
-    async def generate(request: Request, exchange: Exchange, prompts, params, stream: bool, include_usage: bool):
+    async def respond(request: Request, body, inputs, chat_style: bool):
+        served.check_model(body.model)
+        prompts, params = inputs(served, body)
+        exchange = Exchange(served, chat_style)
         runs = served.run(prompts, params, exchange.id)
-        if stream:
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(exchange.stream(runs, len(prompts), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -44,19 +47,11 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
-        served.check_model(body.model)
-        prompts, params = completion_inputs(served, body)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await generate(request, Exchange(served, chat_style=False), prompts, params, body.stream,
-                              include_usage)
+        return await respond(request, body, completion_inputs, chat_style=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        served.check_model(body.model)
-        prompts, params = chat_inputs(served, body)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await generate(request, Exchange(served, chat_style=True), prompts, params, body.stream,
-                              include_usage)
+        return await respond(request, body, chat_inputs, chat_style=True)
 
     def model_card() -> dict:
         return {"id": served.model_name, "object": "model", "created": now(), "owned_by": "nanoserve",
