@@ -3,9 +3,11 @@
     python -m engine.bench [--model PATH] [--requests 64] [--prompt-len 100] [--new-tokens 128]
 
 Needs the test extra (transformers, accelerate). Prints generated tokens per second of both and
-their ratio, for a batch of requests and for a single request.
+their ratio, for a batch of requests and for a single request: the median of `--repeats` runs, ours
+and theirs alternating so that a busy machine slows both alike.
 """
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -71,8 +74,9 @@ def main() -> None:
           f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
     print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
     for name, batch in ((f"{args.requests} requests", prompts), ("1 request", prompts[:1])):
-        ours = run_ours(llm, batch, args.new_tokens)
-        theirs = run_transformers(hf, batch, args.new_tokens, pad_id)
+        runs = [(run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id))
+                for _ in range(args.repeats)]
+        ours, theirs = (statistics.median(r[i] for r in runs) for i in (0, 1))
         print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x", flush=True)
 
 

@@ -25,10 +25,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids of each sequence, padded with 0
     decode_context_lens: torch.Tensor  # [num_seqs - num_prefills] context_lens of the one-token sequences
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(self.query_lens[:self.num_prefills])
-
     @cached_property
     def decode_mask(self) -> torch.Tensor:
         """[num_decodes, 1, 1, longest context]: which cached positions each one-token sequence sees."""

@@ -66,3 +66,17 @@ def test_cached_decode_matches_incremental_transformers(pair):
             got = seq.feed([int(token)])[-1]
             torch.testing.assert_close(got, out.logits[0, -1], atol=1e-4, rtol=0)
             token = out.logits[0, -1].argmax()
+
+
+def test_prefill_after_cached_tokens_matches(pair):
+    """New tokens that attend to earlier ones already in the cache (the path prefix caching and chunked
+    prefill will take) give the same logits as one full prefill."""
+    hf, ours = pair
+    if hf.config.rope_parameters["rope_type"] == "dynamic":
+        pytest.skip("dynamic scaling rotates the first chunk with the shorter length, as transformers' cache does")
+    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(3))
+    seq = SingleSequence(ours, PROMPT_LEN, block_size=5)
+    seq.feed(ids[:13].tolist())
+    with torch.inference_mode():
+        expected = hf(ids[None]).logits[0, 13:]
+    torch.testing.assert_close(seq.feed(ids[13:].tolist()), expected, atol=1e-4, rtol=0)
