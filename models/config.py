@@ -29,7 +29,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # the output head is the token embedding
+    embedding_norm: bool = False  # a LayerNorm (eps 1e-5, with bias) right after the token embedding
     attention_bias: bool = False
     mlp_bias: bool = False
     dtype: torch.dtype = torch.float32  # the checkpoint's own dtype
@@ -64,6 +65,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     max_pos = cfg.get("max_position_embeddings", 2048)
+    open_llama = cfg.get("model_type") == "open-llama"
     return ModelConfig(
         architecture=(cfg.get("architectures") or ["LlamaForCausalLM"])[0],
         vocab_size=cfg["vocab_size"],
@@ -77,7 +79,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=_rope_scaling(rope, max_pos),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        # Open-Llama names its tied head and its embedding LayerNorm differently.
+        tie_word_embeddings=cfg.get("shared_input_output_embedding" if open_llama else "tie_word_embeddings", False),
+        embedding_norm=open_llama and cfg.get("use_stable_embedding", False),
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
         dtype=DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),

@@ -1,4 +1,5 @@
-"""Llama (LLaMA, Llama-2/3, SmolLM2 and other Llama-family checkpoints), as transformers defines it."""
+"""Llama (LLaMA, Llama-2/3, SmolLM2 and other Llama-family checkpoints), as transformers defines it,
+and Open-Llama, which is Llama with an optional LayerNorm after the token embedding."""
 import re
 from collections.abc import Iterable
 
@@ -56,6 +57,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-5) if cfg.embedding_norm else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -72,6 +74,8 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """A flat batch of tokens in, their final hidden states out: [tokens, hidden]."""
         h = self.model.embed_tokens(input_ids)
+        if self.model.embed_layer_norm is not None:
+            h = self.model.embed_layer_norm(h)
         seq_lens = meta.seq_len_per_token if self.rotary.needs_seq_lens else None
         rotation = self.rotary(positions, seq_lens)
         for layer, cache in zip(self.model.layers, kv_caches):

@@ -5,6 +5,7 @@ from models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "OpenLlamaForCausalLM": LlamaForCausalLM,  # Llama plus flags in ModelConfig
 }
 
 
