@@ -26,13 +26,15 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # of the RMSNorms (Llama) or LayerNorms (Cohere)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_word_embeddings: bool = False  # the output head is the token embedding
     embedding_norm: bool = False  # a LayerNorm (eps 1e-5, with bias) right after the token embedding
     attention_bias: bool = False
     mlp_bias: bool = False
+    logit_scale: float = 1.0  # multiplies the logits (Cohere)
+    qk_norm: bool = False  # a LayerNorm over each head of Q and K (Command-R+)
     dtype: torch.dtype = torch.float32  # the checkpoint's own dtype
 
     @property
@@ -65,7 +67,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     max_pos = cfg.get("max_position_embeddings", 2048)
-    open_llama = cfg.get("model_type") == "open-llama"
+    open_llama, cohere = cfg.get("model_type") == "open-llama", cfg.get("model_type") == "cohere"
     return ModelConfig(
         architecture=(cfg.get("architectures") or ["LlamaForCausalLM"])[0],
         vocab_size=cfg["vocab_size"],
@@ -76,14 +78,16 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         max_position_embeddings=max_pos,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        norm_eps=cfg.get("layer_norm_eps" if cohere else "rms_norm_eps", 1e-5 if cohere else 1e-6),
         rope_theta=float(theta),
         rope_scaling=_rope_scaling(rope, max_pos),
         # Open-Llama names its tied head and its embedding LayerNorm differently.
-        tie_word_embeddings=cfg.get("shared_input_output_embedding" if open_llama else "tie_word_embeddings", False),
+        tie_word_embeddings=cfg.get("shared_input_output_embedding" if open_llama else "tie_word_embeddings", cohere),
         embedding_norm=open_llama and cfg.get("use_stable_embedding", False),
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
+        logit_scale=cfg.get("logit_scale", 1.0),
+        qk_norm=cfg.get("use_qk_norm", False),
         dtype=DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),
     )
 
@@ -114,7 +118,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: torch.
         num_kv_heads=key("attention.head_count_kv", heads),
         head_dim=key("attention.key_length") or hidden // heads,
         max_position_embeddings=max_pos,
-        rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(scaling, max_pos),
         tie_word_embeddings="output.weight" not in tensor_names,

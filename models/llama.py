@@ -10,13 +10,11 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache, PagedAttention
 from models.config import ModelConfig
 from models.layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, regroup_rotary
+from models.weights import load_weights
 
 # Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
-# Projections whose rows are regrouped for the rotary layout, and the config field with their head count.
-_ROTARY_HEADS = {"q_proj": "num_heads", "k_proj": "num_kv_heads"}
 
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -43,9 +41,9 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -59,7 +57,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-5) if cfg.embedding_norm else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -87,29 +85,8 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, head).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the parameters; every one must be filled."""
-        params = dict(self.named_parameters())
-        missing = set(params)
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if self.lm_head is None and name == "lm_head.weight":
-                continue  # some tied checkpoints store a copy of the embedding anyway
-            module_path, _, attr = name.rpartition(".")
-            module, _, proj = module_path.rpartition(".")
-            if proj in _ROTARY_HEADS:
-                tensor = regroup_rotary(tensor, getattr(self.config, _ROTARY_HEADS[proj]), to_pairs=True)
-            if proj in _FUSED:
-                fused, shard = _FUSED[proj]
-                self.get_submodule(f"{module}.{fused}").load_shard(shard, attr, tensor)
-                missing.discard(f"{module}.{fused}.{attr}")
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
-            params[name].data.copy_(tensor)
-            missing.discard(name)
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:5]}")
+        cfg = self.config
+        load_weights(self, weights, FUSED, {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads})
 
     @staticmethod
     def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:

@@ -1,11 +1,13 @@
 """Architecture names (as in config.json's `architectures`) to model classes."""
 from torch import nn
 
+from models.cohere import CohereForCausalLM
 from models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "OpenLlamaForCausalLM": LlamaForCausalLM,  # Llama plus flags in ModelConfig
+    "CohereForCausalLM": CohereForCausalLM,
 }
 
 

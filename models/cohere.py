@@ -1,0 +1,92 @@
+"""Cohere Command-R and Command-R+ (`CohereForCausalLM`), as transformers defines it: one LayerNorm
+feeding attention and MLP in parallel, rotary on interleaved pairs, optional per-head Q/K norms, and
+scaled logits from the tied embedding."""
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache, PagedAttention
+from models.config import ModelConfig
+from models.layers import FusedLinear, GatedMLP, RotaryEmbedding, apply_rotary
+from models.llama import FUSED
+from models.weights import load_weights
+
+
+class LayerNorm(nn.Module):
+    """Mean-subtracted LayerNorm without bias over the last dimension, computed in float32; `shape`
+    may be (heads, head_dim) for a separate weight per head."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class CohereAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.q_norm = LayerNorm((cfg.num_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = LayerNorm((cfg.num_kv_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rotation: torch.Tensor, cache: KVCache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        heads, kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
+        q, k = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        return self.o_proj(self.attn(q, k, v.view(-1, kv_heads, head_dim), cache, meta))
+
+
+class CohereDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = CohereAttention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        normed = self.input_layernorm(x)
+        return x + self.self_attn(normed, rotation, cache, meta) + self.mlp(normed)
+
+
+class CohereModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(CohereDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class CohereForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = CohereModel(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        rotation = self.rotary(positions, meta.seq_len_per_token if self.rotary.needs_seq_lens else None)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            h = layer(h, rotation, cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head).float() * self.config.logit_scale
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_weights(self, weights, FUSED, rotary_heads={})  # checkpoints already rotate interleaved pairs
