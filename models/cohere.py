@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionMetadata, KVCache, PagedAttention
+from models.attention import AttentionMetadata, KVCache
+from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from models.layers import FusedLinear, GatedMLP, RotaryEmbedding, apply_rotary
-from models.llama import FUSED
+from models.layers import GatedMLP, apply_rotary
+from models.llama import FUSED, LlamaAttention
 from models.weights import load_weights
 
 
@@ -28,13 +29,11 @@ class LayerNorm(nn.Module):
         return (self.weight.float() * normed).to(x.dtype)
 
 
-class CohereAttention(nn.Module):
+class CohereAttention(LlamaAttention):
+    """Llama's projections, plus optional per-head Q/K norms applied before the rotation."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        super().__init__(cfg)
         self.q_norm = LayerNorm((cfg.num_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = LayerNorm((cfg.num_kv_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
 
@@ -60,33 +59,9 @@ class CohereDecoderLayer(nn.Module):
         return x + self.self_attn(normed, rotation, cache, meta) + self.mlp(normed)
 
 
-class CohereModel(nn.Module):
+class CohereForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(CohereDecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
-
-
-class CohereForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = CohereModel(cfg)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
-        rotation = self.rotary(positions, meta.seq_len_per_token if self.rotary.needs_seq_lens else None)
-        for layer, cache in zip(self.model.layers, kv_caches):
-            h = layer(h, rotation, cache, meta)
-        return self.model.norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float() * self.config.logit_scale
+        super().__init__(cfg, CohereDecoderLayer, LayerNorm(cfg.hidden_size, cfg.norm_eps))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights, FUSED, rotary_heads={})  # checkpoints already rotate interleaved pairs

@@ -4,12 +4,12 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionMetadata, KVCache, PagedAttention
+from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from models.layers import FusedLinear, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, regroup_rotary
+from models.layers import FusedLinear, GatedMLP, RMSNorm, apply_rotary, regroup_rotary
 from models.weights import load_weights
 
 # Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
@@ -51,38 +51,10 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-5) if cfg.embedding_norm else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-
-
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """A flat batch of tokens in, their final hidden states out: [tokens, hidden]."""
-        h = self.model.embed_tokens(input_ids)
-        if self.model.embed_layer_norm is not None:
-            h = self.model.embed_layer_norm(h)
-        seq_lens = meta.seq_len_per_token if self.rotary.needs_seq_lens else None
-        rotation = self.rotary(positions, seq_lens)
-        for layer, cache in zip(self.model.layers, kv_caches):
-            h = layer(h, rotation, cache, meta)
-        return self.model.norm(h)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        embed_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-5) if cfg.embedding_norm else None
+        super().__init__(cfg, LlamaDecoderLayer, RMSNorm(cfg.hidden_size, cfg.norm_eps), embed_norm)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.config

@@ -1,0 +1,44 @@
+"""What every architecture shares: token embedding, decoder layers, final norm, output head."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.layers import RotaryEmbedding
+
+
+class DecoderModel(nn.Module):
+    """Parameter names as in Hugging Face checkpoints: model.embed_tokens, model.layers.N, model.norm."""
+
+    def __init__(self, cfg: ModelConfig, layer: type[nn.Module], norm: nn.Module, embed_norm: nn.Module | None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_layer_norm = embed_norm
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = norm
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: type[nn.Module], norm: nn.Module, embed_norm: nn.Module | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, layer, norm, embed_norm)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """A flat batch of tokens in, their final hidden states out: [tokens, hidden]."""
+        h = self.model.embed_tokens(input_ids)
+        if self.model.embed_layer_norm is not None:
+            h = self.model.embed_layer_norm(h)
+        rotation = self.rotary(positions, meta.seq_len_per_token if self.rotary.needs_seq_lens else None)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            h = layer(h, rotation, cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, head).float()
+        return logits if self.config.logit_scale == 1 else logits * self.config.logit_scale
