@@ -1,0 +1,31 @@
+"""GGUF vocabularies against llama.cpp's tokenizer test vectors (shared/reference/vocab)."""
+from pathlib import Path
+
+import pytest
+
+from models.tokenizer import load_tokenizer
+
+VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
+
+
+def _vectors(name: str) -> list[tuple[str, list[int]]]:
+    """Each string of the .inp file ends with a separator line; the .out file has one line of ids per string."""
+    texts = (VOCAB / f"{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    ids = (VOCAB / f"{name}.gguf.out").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(texts) == len(ids)
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, ids)]
+
+
+@pytest.fixture(scope="module")
+def command_r():
+    return load_tokenizer(VOCAB / "ggml-vocab-command-r.gguf")
+
+
+def test_command_r_metadata(command_r):
+    assert command_r.bos_token_id == 5 and 255001 in command_r.eos_token_ids and command_r.vocab_size == 256000
+
+
+@pytest.mark.parametrize("text,expected", _vectors("ggml-vocab-command-r"), ids=lambda v: repr(v)[:30])
+def test_command_r_vectors(command_r, text, expected):
+    assert command_r.encode(text, add_special_tokens=False) == expected
+    assert command_r.decode(expected, skip_special_tokens=False) == text
