@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -77,17 +77,47 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's own split
 
 
-def _from_gguf(file: Path) -> Tokenizer:
-    reader = gguf.GGUFReader(file)
-    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
-    kind = meta("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}")
-    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+def _byte_level_bpe(meta) -> Backend:
+    """`gpt2` vocabularies: byte-level BPE with the file's merges, split first as its `pre` names."""
+    tokens = meta("tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
     backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     backend.pre_tokenizer = _byte_level_pre_tokenizer(meta("tokenizer.ggml.pre", "gpt2"))
     backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(meta) -> Backend:
+    """`llama` vocabularies (SentencePiece BPE): pieces merge best score first, unknown characters fall
+    back to byte tokens, spaces are "▁" and the text gets a leading one."""
+    tokens, scores = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = sorted(((score, piece[:k], piece[k:]) for piece, score in zip(tokens, scores)
+                     for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab),
+                    key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+    unk = tokens[meta("tokenizer.ggml.unknown_token_id", 0)]
+    backend = Backend(models.BPE(vocab, [(left, right) for _, left, right in merges], unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    spaces = [normalizers.Replace(" ", "\u2581")]
+    if meta("tokenizer.ggml.add_space_prefix", True):
+        spaces.insert(0, normalizers.Prepend("\u2581"))
+    backend.normalizer = normalizers.Sequence(spaces)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", int(meta("tokenizer.ggml.add_space_prefix", True)), 0)])
+    return backend
+
+
+_GGUF_TOKENIZERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def _from_gguf(file: Path) -> Tokenizer:
+    reader = gguf.GGUFReader(file)
+    meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    kind = meta("tokenizer.ggml.model")
+    if kind not in _GGUF_TOKENIZERS:
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}; supported: {sorted(_GGUF_TOKENIZERS)}")
+    backend = _GGUF_TOKENIZERS[kind](meta)
+    tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     # Control tokens (<|im_start|>, ...) are special: matched whole and skipped when decoding;
     # user-defined ones are matched whole but are ordinary text.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -95,7 +125,8 @@ def _from_gguf(file: Path) -> Tokenizer:
     backend.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t, k in zip(tokens, types) if k == _USER_DEFINED])
     bos_id, eos_id = meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")
-    if meta("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+    # llama.cpp adds BOS to SentencePiece vocabularies that do not say otherwise.
+    if meta("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
         backend.post_processor = _bos_post_processor(tokens[bos_id], bos_id)
     eos_ids = [eos_id, meta("tokenizer.ggml.eot_token_id"), meta("tokenizer.ggml.eom_token_id")]
     return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),

@@ -21,11 +21,28 @@ def command_r():
     return load_tokenizer(VOCAB / "ggml-vocab-command-r.gguf")
 
 
+@pytest.fixture(scope="module")
+def llama_spm():
+    return load_tokenizer(VOCAB / "ggml-vocab-llama-spm.gguf")
+
+
 def test_command_r_metadata(command_r):
     assert command_r.bos_token_id == 5 and 255001 in command_r.eos_token_ids and command_r.vocab_size == 256000
+
+
+def test_llama_spm_metadata_and_bos(llama_spm):
+    assert llama_spm.bos_token_id == 1 and llama_spm.eos_token_ids == (2,) and llama_spm.vocab_size == 32000
+    assert llama_spm.encode("Hello world") == [1] + llama_spm.encode("Hello world", add_special_tokens=False)
+    assert llama_spm.encode("<s>[INST] hi", add_special_tokens=False)[0] == 1  # the chat template's BOS
 
 
 @pytest.mark.parametrize("text,expected", _vectors("ggml-vocab-command-r"), ids=lambda v: repr(v)[:30])
 def test_command_r_vectors(command_r, text, expected):
     assert command_r.encode(text, add_special_tokens=False) == expected
     assert command_r.decode(expected, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("text,expected", _vectors("ggml-vocab-llama-spm"), ids=lambda v: repr(v)[:30])
+def test_llama_spm_vectors(llama_spm, text, expected):
+    assert llama_spm.encode(text, add_special_tokens=False) == expected
+    assert llama_spm.decode(expected, skip_special_tokens=False) == text
