@@ -80,3 +80,19 @@ def test_prefill_after_cached_tokens_matches(pair):
     with torch.inference_mode():
         expected = hf(ids[None]).logits[0, 13:]
     torch.testing.assert_close(seq.feed(ids[13:].tolist()), expected, atol=1e-4, rtol=0)
+
+
+def test_float16_checkpoint_loads_in_the_dtype_asked_for(tmp_path):
+    """A float16 checkpoint (as Llama-2's are) runs in float32 on the CPU: the same logits as transformers
+    computing in float32 from the same float16 weights."""
+    torch.manual_seed(0)
+    hf = HFLlama(LlamaConfig(**{**BASE, "num_key_value_heads": 2})).eval()
+    _randomize_norms(hf)
+    hf.half().save_pretrained(tmp_path)
+    ours = load_model(tmp_path, torch.float32, torch.device("cpu"))
+    assert ours.model.embed_tokens.weight.dtype == torch.float32
+    ids = list(range(5, 30))
+    reference = HFLlama.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
