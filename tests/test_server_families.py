@@ -1,0 +1,86 @@
+"""Tiny Llama-2 and Cohere checkpoint folders with their real vocabularies, served end to end: chat through
+the server (streaming and not) gives the tokens the offline API gives for the same prompt."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import httpx
+import openai
+import pytest
+import torch
+from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from engine import LLM, SamplingParams
+from models.tokenizer import load_tokenizer
+from tests.test_server import _free_port
+
+VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+
+
+def _folder(path: Path, model, vocab: str, special: dict) -> Path:
+    """A checkpoint folder: random tiny weights, the real vocabulary as tokenizer.json, its config."""
+    torch.manual_seed(0)
+    model.eval().save_pretrained(path)
+    load_tokenizer(VOCAB / vocab).backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(special))
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama-2", "command-r"])
+def family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    if request.param == "llama-2":
+        folder = _folder(path, LlamaForCausalLM(LlamaConfig(vocab_size=32000, **small)), "ggml-vocab-llama-spm.gguf",
+                         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+        bos = "<s>"
+    else:
+        template = gguf.GGUFReader(VOCAB / "ggml-vocab-command-r.gguf").fields["tokenizer.chat_template"].contents()
+        folder = _folder(path, CohereForCausalLM(CohereConfig(vocab_size=256000, **small)),
+                         "ggml-vocab-command-r.gguf",
+                         {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "add_bos_token": True,
+                          "chat_template": template})
+        bos = "<BOS_TOKEN>"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(folder), "--host", "127.0.0.1",
+                             "--port", str(port), "--max-model-len", "256", "--num-kv-blocks", "64"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the server did not become healthy")
+    yield url, folder, bos
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_chat_matches_offline_streaming_or_not(family):
+    url, folder, bos = family
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+    tokens = httpx.post(f"{url}/tokenize", json={"messages": CHAT}).json()["tokens"]
+    tokenizer = load_tokenizer(folder)
+    assert tokens[0] == tokenizer.bos_token_id and tokens[1] != tokenizer.bos_token_id  # the template's BOS only
+    assert tokenizer.decode(tokens, skip_special_tokens=False).startswith(bos)
+    offline = LLM(str(folder), num_kv_blocks=64).generate([tokens], SamplingParams(temperature=0, max_tokens=12))
+    expected = offline[0].outputs[0]
+    out = client.chat.completions.create(model=str(folder), messages=CHAT, temperature=0, max_tokens=12)
+    assert out.choices[0].message.content == expected.text
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.prompt_tokens == len(tokens)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=str(folder), messages=CHAT, temperature=0, max_tokens=12, stream=True) if c.choices)
+    assert streamed == expected.text
