@@ -49,8 +49,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return _from_gguf(path) if path.suffix == ".gguf" else _from_folder(path)
 
 
+def _sentencepiece_model(file: Path) -> Backend:
+    """A Llama-2 style `tokenizer.model`: the same SentencePiece BPE as a GGUF `llama` vocabulary."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(file))
+    ids = range(sp.get_piece_size())
+    kinds = [_CONTROL if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in ids]
+    fields = {"tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in ids],
+              "tokenizer.ggml.scores": [sp.get_score(i) for i in ids], "tokenizer.ggml.token_type": kinds,
+              "tokenizer.ggml.unknown_token_id": sp.unk_id()}
+    backend = _sentencepiece_bpe(lambda key, default=None: fields.get(key, default))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(fields["tokenizer.ggml.tokens"], kinds) if k == _CONTROL])
+    return backend
+
+
 def _from_folder(folder: Path) -> Tokenizer:
-    backend = Backend.from_file(str(folder / "tokenizer.json"))
+    if (folder / "tokenizer.json").exists():
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+    else:
+        backend = _sentencepiece_model(folder / "tokenizer.model")
     cfg_file, gen_file = folder / "tokenizer_config.json", folder / "generation_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))

@@ -1,6 +1,7 @@
 """GGUF vocabularies against llama.cpp's tokenizer test vectors (shared/reference/vocab)."""
 from pathlib import Path
 
+import gguf
 import pytest
 
 from models.tokenizer import load_tokenizer
@@ -46,3 +47,39 @@ def test_command_r_vectors(command_r, text, expected):
 def test_llama_spm_vectors(llama_spm, text, expected):
     assert llama_spm.encode(text, add_special_tokens=False) == expected
     assert llama_spm.decode(expected, skip_special_tokens=False) == text
+
+
+def _sentencepiece_model(path: Path) -> Path:
+    """Llama's vocabulary as a Llama-2 `tokenizer.model` (SentencePiece BPE, byte fallback, prefix space)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    reader = gguf.GGUFReader(VOCAB / "ggml-vocab-llama-spm.gguf")
+    field = lambda name: reader.fields[f"tokenizer.ggml.{name}"].contents()  # noqa: E731
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(field("tokens"), field("scores"), field("token_type")):
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def test_llama_2_folder_with_tokenizer_model(tmp_path, llama_spm):
+    """A folder with only `tokenizer.model` tokenizes like the sentencepiece library itself (LlamaTokenizer's
+    behaviour) and like the GGUF vocabulary, and adds BOS as tokenizer_config.json says."""
+    import json
+
+    import sentencepiece
+    model = _sentencepiece_model(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                "add_bos_token": True}))
+    folder, reference = load_tokenizer(tmp_path), sentencepiece.SentencePieceProcessor(model_file=str(model))
+    for text, expected in _vectors("ggml-vocab-llama-spm"):
+        assert folder.encode(text, add_special_tokens=False) == expected == reference.encode(text)
+        assert folder.decode(expected) == text
+    assert folder.encode("Hi") == [1] + reference.encode("Hi") and folder.eos_token_ids == (2,)
