@@ -11,7 +11,7 @@ from models.attention import AttentionMetadata, KVCache
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from models.layers import GatedMLP, apply_rotary
-from models.llama import FUSED, LlamaAttention
+from models.llama import FUSED, GGUF_LAYER, LlamaAttention, gguf_name_to_hf
 from models.weights import load_weights
 
 
@@ -65,3 +65,9 @@ class CohereForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights, FUSED, rotary_heads={})  # checkpoints already rotate interleaved pairs
+
+    @staticmethod
+    def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
+        """llama.cpp's `command-r` names; its rows are already in the interleaved order Cohere uses."""
+        layer_names = {**GGUF_LAYER, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+        return gguf_name_to_hf(name, layer_names)[0], tensor

@@ -92,7 +92,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     )
 
 
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "command-r": "CohereForCausalLM"}
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: torch.dtype) -> ModelConfig:
@@ -118,11 +118,13 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: torch.
         num_kv_heads=key("attention.head_count_kv", heads),
         head_dim=key("attention.key_length") or hidden // heads,
         max_position_embeddings=max_pos,
-        norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        norm_eps=key("attention.layer_norm_rms_epsilon") or key("attention.layer_norm_epsilon", 1e-5),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(scaling, max_pos),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        logit_scale=key("logit_scale", 1.0),
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         dtype=dtype,
     )

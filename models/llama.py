@@ -17,7 +17,7 @@ FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_p
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
                "ffn_norm": "post_attention_layernorm"}
@@ -64,14 +64,17 @@ class LlamaForCausalLM(CausalLM):
     def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
         """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections, so that
         both checkpoint formats reach `load_weights` as transformers holds them."""
-        base, _, attr = name.rpartition(".")
-        if base in _GGUF_GLOBAL:
-            return f"{_GGUF_GLOBAL[base]}.{attr}", tensor
-        match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-        if match is None or match[2] not in _GGUF_LAYER:
-            raise ValueError(f"unexpected GGUF tensor {name!r}")
-        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(match[2])
-        if heads is not None:
-            tensor = regroup_rotary(tensor, heads, to_pairs=False)
-        return f"model.layers.{match[1]}.{_GGUF_LAYER[match[2]]}.{attr}", tensor
+        hf_name, part = gguf_name_to_hf(name, GGUF_LAYER)
+        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(part)
+        return hf_name, tensor if heads is None else regroup_rotary(tensor, heads, to_pairs=False)
 
+
+def gguf_name_to_hf(name: str, layer_names: dict[str, str]) -> tuple[str, str | None]:
+    """The Hugging Face name of a GGUF tensor, and the GGUF name of its part within a layer (None outside)."""
+    base, _, attr = name.rpartition(".")
+    if base in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[base]}.{attr}", None
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if match is None or match[2] not in layer_names:
+        raise ValueError(f"unexpected GGUF tensor {name!r}")
+    return f"model.layers.{match[1]}.{layer_names[match[2]]}.{attr}", match[2]

@@ -15,7 +15,8 @@ CFG = dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_lay
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 # K-quant blocks: (bytes per 256 values, byte offsets of their float16 scales). gguf cannot quantize
 # to these, so their blocks are random bytes with sane scales, which both loaders must read alike.
 K_BLOCKS = {Q.Q4_K: (144, (0, 2)), Q.Q6_K: (210, (208,))}
@@ -42,8 +43,9 @@ def _random_k_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(hf: HFLlama, path, qtype: Q) -> None:
-    writer = gguf.GGUFWriter(str(path), "llama")
+def write_gguf(hf, path, qtype: Q, arch: str = "llama") -> None:
+    """As llama.cpp's converter writes it: for `llama` the Q/K rows in its rotary order."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(CFG["max_position_embeddings"])
     writer.add_embedding_length(CFG["hidden_size"])
     writer.add_block_count(CFG["num_hidden_layers"])
@@ -51,14 +53,20 @@ def write_gguf(hf: HFLlama, path, qtype: Q) -> None:
     writer.add_head_count(CFG["num_attention_heads"])
     writer.add_head_count_kv(CFG["num_key_value_heads"])
     writer.add_rope_freq_base(CFG["rope_theta"])
-    writer.add_layer_norm_rms_eps(CFG["rms_norm_eps"])
     writer.add_vocab_size(CFG["vocab_size"])
+    if arch == "llama":
+        writer.add_layer_norm_rms_eps(CFG["rms_norm_eps"])
+    else:
+        writer.add_layer_norm_eps(hf.config.layer_norm_eps)
+        writer.add_logit_scale(hf.config.logit_scale)
     rng = np.random.default_rng(0)
     for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and hf.config.tie_word_embeddings:
+            continue  # a tied head is not written
         array = tensor.numpy()
-        if ".q_proj." in name or ".k_proj." in name:
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             array = _permute(array, CFG["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"])
-        if array.ndim == 1 or qtype == Q.F32:
+        if array.ndim == 1 or "norm" in name or qtype == Q.F32:
             writer.add_tensor(_gguf_name(name), array.astype(np.float32))
         elif qtype in K_BLOCKS:
             writer.add_tensor(_gguf_name(name), _random_k_blocks(*array.shape, qtype, rng), raw_dtype=qtype)
@@ -90,3 +98,26 @@ def test_logits_match_transformers_gguf_loading(hf_model, tmp_path, qtype):
         if qtype == Q.F32:  # also the original weights: the rotary rows were put back in their order
             torch.testing.assert_close(got, hf_model(torch.tensor([ids])).logits[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_command_r_gguf_matches_transformers(tmp_path):
+    """Cohere as llama.cpp's `command-r` architecture: tied head, per-head Q/K norms, logit scale. transformers
+    cannot load this architecture from GGUF, so the oracle is its model on the same (float32) weights."""
+    from transformers import CohereConfig, CohereForCausalLM
+    torch.manual_seed(0)
+    keep = {k: CFG[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
+    hf = CohereForCausalLM(CohereConfig(**keep, use_qk_norm=True, logit_scale=0.5, rope_theta=10000.0,
+                                        initializer_range=0.05)).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+    path = tmp_path / "tiny-command-r.gguf"
+    write_gguf(hf, path, Q.F32, arch="command-r")
+    ours = load_model(path, torch.float32, torch.device("cpu"))
+    assert ours.config.qk_norm and ours.config.logit_scale == 0.5 and ours.config.tie_word_embeddings
+    ids = list(range(3, 40))
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
