@@ -1,4 +1,13 @@
-"""Drive a model directly on a small paged cache, without the engine (for parity tests)."""
+"""Test helpers: a model on a small paged cache without the engine, and a real server process."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import torch
 
 from models.attention import AttentionMetadata
@@ -29,3 +38,33 @@ class SingleSequence:
             block_tables=self.table[None], decode_context_lens=torch.tensor([] if prefill else [self.length]))
         hidden = self.model(torch.tensor(ids), positions, self.caches, meta)
         return self.model.compute_logits(hidden)
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict | None = None):
+    """`python -m server ARGS` on a free port of 127.0.0.1, waited for on /health; yields its base URL and
+    kills its whole process group at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while not _healthy(url):
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the server did not become healthy (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.TransportError:
+        return False

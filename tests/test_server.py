@@ -1,11 +1,6 @@
 """A real `python -m server` process on 127.0.0.1, driven with the openai SDK and httpx as users do."""
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -14,39 +9,18 @@ import pytest
 
 from engine import SamplingParams
 from server.chat import render
+from tests.helpers import running_server
 
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(default_model_path):
-    port = _free_port()
-    env = {**os.environ, "NANOSERVE_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(default_model_path), "--served-model-name",
-                             MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the server did not become healthy")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with running_server("--model", str(default_model_path), "--served-model-name", MODEL, "--max-model-len", "512",
+                        env={"NANOSERVE_API_KEY": KEY}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

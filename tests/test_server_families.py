@@ -1,11 +1,6 @@
 """Tiny Llama-2 and Cohere checkpoint folders with their real vocabularies, served end to end: chat through
 the server (streaming and not) gives the tokens the offline API gives for the same prompt."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -17,7 +12,7 @@ from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForC
 
 from engine import LLM, SamplingParams
 from models.tokenizer import load_tokenizer
-from tests.test_server import _free_port
+from tests.helpers import running_server
 
 VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
@@ -48,24 +43,8 @@ def family(request, tmp_path_factory):
                          {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "add_bos_token": True,
                           "chat_template": template})
         bos = "<BOS_TOKEN>"
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(folder), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-model-len", "256", "--num-kv-blocks", "64"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the server did not become healthy")
-    yield url, folder, bos
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with running_server("--model", str(folder), "--max-model-len", "256", "--num-kv-blocks", "64") as url:
+        yield url, folder, bos
 
 
 def test_chat_matches_offline_streaming_or_not(family):
@@ -84,3 +63,17 @@ def test_chat_matches_offline_streaming_or_not(family):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=str(folder), messages=CHAT, temperature=0, max_tokens=12, stream=True) if c.choices)
     assert streamed == expected.text
+
+
+def test_logits_match_transformers(family):
+    """The folder's model against transformers' on a chat prompt tokenized with the real vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from models.loader import load_model
+    from tests.helpers import SingleSequence
+    _, folder, _ = family
+    ids = load_tokenizer(folder).encode("Hello there! How are you today?")
+    ours = load_model(folder, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
