@@ -9,6 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from models.config import ModelConfig, config_from_gguf, config_from_hf
+from models.gguf_file import open_gguf
 from models.registry import model_class
 
 _GGUF_FILE_DTYPES = {gguf.LlamaFileType.MOSTLY_F16: torch.float16, gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
@@ -21,8 +22,7 @@ def read_gguf_metadata(reader: gguf.GGUFReader) -> dict:
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.suffix == ".gguf":
-        reader = gguf.GGUFReader(path)
-        return _gguf_config(reader)
+        return _gguf_config(open_gguf(path))
     return config_from_hf(json.loads((path / "config.json").read_text()))
 
 
@@ -65,7 +65,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn
     """Build the model for the checkpoint at `path` on `device` in `dtype` and fill its weights."""
     path = Path(path)
     if path.suffix == ".gguf":
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
         cfg = _gguf_config(reader)
         cls = model_class(cfg.architecture)
         weights = _iter_gguf(reader, cls, cfg)

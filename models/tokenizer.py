@@ -3,8 +3,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
+
+from models.gguf_file import open_gguf
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -130,7 +131,7 @@ _GGUF_TOKENIZERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
 def _from_gguf(file: Path) -> Tokenizer:
-    reader = gguf.GGUFReader(file)
+    reader = open_gguf(file)
     meta = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
     kind = meta("tokenizer.ggml.model")
     if kind not in _GGUF_TOKENIZERS:

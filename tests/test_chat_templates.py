@@ -2,9 +2,9 @@
 import json
 from pathlib import Path
 
-import gguf
 import pytest
 
+from models.gguf_file import open_gguf
 from models.tokenizer import load_tokenizer
 from server.chat import ChatTemplateError, choose_template, load_template, render
 
@@ -15,7 +15,7 @@ VECTORS = json.loads((REFERENCE / "chat_template_vectors.json").read_text())["ve
 @pytest.fixture(scope="module")
 def templates(default_model_path):
     """Ours, SmolLM2's own, and Command-R's RAG template as its GGUF ships it (rendered by our renderer)."""
-    command_r = gguf.GGUFReader(REFERENCE / "vocab" / "ggml-vocab-command-r.gguf")
+    command_r = open_gguf(REFERENCE / "vocab" / "ggml-vocab-command-r.gguf")
     return {"llama-2-chat": load_template("llama-2-chat"), "command-r": load_template("command-r"),
             "smollm2": load_tokenizer(default_model_path).chat_template,
             "command-r-rag": command_r.fields["tokenizer.chat_template.rag"].contents()}

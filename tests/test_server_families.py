@@ -3,7 +3,6 @@ the server (streaming and not) gives the tokens the offline API gives for the sa
 import json
 from pathlib import Path
 
-import gguf
 import httpx
 import openai
 import pytest
@@ -11,6 +10,7 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from engine import LLM, SamplingParams
+from models.gguf_file import open_gguf
 from models.tokenizer import load_tokenizer
 from tests.helpers import running_server
 
@@ -37,7 +37,7 @@ def family(request, tmp_path_factory):
                          {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
         bos = "<s>"
     else:
-        template = gguf.GGUFReader(VOCAB / "ggml-vocab-command-r.gguf").fields["tokenizer.chat_template"].contents()
+        template = open_gguf(VOCAB / "ggml-vocab-command-r.gguf").fields["tokenizer.chat_template"].contents()
         folder = _folder(path, CohereForCausalLM(CohereConfig(vocab_size=256000, **small)),
                          "ggml-vocab-command-r.gguf",
                          {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "add_bos_token": True,

@@ -1,9 +1,9 @@
 """GGUF vocabularies against llama.cpp's tokenizer test vectors (shared/reference/vocab)."""
 from pathlib import Path
 
-import gguf
 import pytest
 
+from models.gguf_file import open_gguf
 from models.tokenizer import load_tokenizer
 
 VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
@@ -53,7 +53,7 @@ def _sentencepiece_model(path: Path) -> Path:
     """Llama's vocabulary as a Llama-2 `tokenizer.model` (SentencePiece BPE, byte fallback, prefix space)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    reader = gguf.GGUFReader(VOCAB / "ggml-vocab-llama-spm.gguf")
+    reader = open_gguf(VOCAB / "ggml-vocab-llama-spm.gguf")
     field = lambda name: reader.fields[f"tokenizer.ggml.{name}"].contents()  # noqa: E731
     proto = pb.ModelProto()
     for piece, score, kind in zip(field("tokens"), field("scores"), field("token_type")):
