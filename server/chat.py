@@ -2,13 +2,14 @@
 import json
 from datetime import datetime
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 
 from jinja2 import TemplateError, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
+BUILTIN_DIR = Path(str(files("chat_templates")))
 # The built-in template for a model that brings none of its own.
 BY_ARCHITECTURE = {"LlamaForCausalLM": "llama-2-chat", "CohereForCausalLM": "command-r"}
 
