@@ -70,8 +70,7 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def tokenize(body: TokenizeRequest):
         served.check_model(body.model)
         if body.messages is not None:
-            text = served.render_chat(body.messages, body.add_generation_prompt)
-            tokens = served.tokenizer.encode(text, add_special_tokens=False)
+            tokens = served.chat_prompt_ids(body.messages, body.add_generation_prompt)
         else:
             tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}

@@ -37,16 +37,18 @@ class Served:
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def render_chat(self, messages, add_generation_prompt: bool, **kwargs) -> str:
-        """The conversation as prompt text; a template error is the client's 400."""
+    def chat_prompt_ids(self, messages, add_generation_prompt: bool, **kwargs) -> list[int]:
+        """The conversation rendered and tokenized without adding special tokens: the template wrote BOS
+        itself. A template error is the client's 400."""
         tok = self.tokenizer
         special = lambda i: tok.token_text(i) if i is not None else ""  # noqa: E731
         try:
-            return chat.render(self.chat_template, [{"role": m.role, "content": m.text()} for m in messages],
+            text = chat.render(self.chat_template, [{"role": m.role, "content": m.text()} for m in messages],
                                add_generation_prompt, special(tok.bos_token_id),
                                special(tok.eos_token_ids[0] if tok.eos_token_ids else None), **kwargs)
         except chat.ChatTemplateError as exc:
             raise ApiError(400, str(exc), "invalid_chat_template", "messages") from exc
+        return tok.encode(text, add_special_tokens=False)
 
     def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         if not ids:
@@ -167,8 +169,7 @@ def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list
 
 
 def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-    text = served.render_chat(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
-    ids = served.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS itself
+    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
     param = "max_completion_tokens" if req.max_completion_tokens else "messages"
     served.check_length(ids, req.token_limit(), param)
     return [ids], _params(req, req.token_limit())
