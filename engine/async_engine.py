@@ -29,6 +29,7 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.error: BaseException | None = None
+        self.died: Future = Future()  # resolved with the error once the loop has stopped
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -50,6 +51,7 @@ class AsyncLLMEngine:
             self.error = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"the engine stopped: {exc}"))
+            self.died.set_result(exc)
 
     def _handle(self, message) -> None:
         if message is None:

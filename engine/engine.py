@@ -58,16 +58,25 @@ class LLMEngine:
     def _check_fits(self, ids: list[int], params: SamplingParams) -> int:
         if not ids:
             raise ValueError("the prompt is empty")
-        if bad := [t for t in ids if not 0 <= t < self.model_config.vocab_size]:
-            raise ValueError(f"token ids outside the vocabulary (0..{self.model_config.vocab_size - 1}): {bad[:5]}")
+        vocab = self.model_config.vocab_size
+        for name, tokens in (("the prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+            if bad := [t for t in tokens if not 0 <= t < vocab]:
+                raise ValueError(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
         cache_tokens = self.pool.num_blocks * self.config.block_size
         max_tokens = params.max_tokens or min(self.max_model_len, cache_tokens) - len(ids)  # None: all that fits
         total = len(ids) + max_tokens
-        for limit, what in ((self.max_model_len, "the model's context length"), (cache_tokens, "the KV cache's capacity")):
+        limits = ((self.max_model_len, "the model's context length"), (cache_tokens, "the KV cache's capacity"))
+        for limit, what in limits:
             if total > limit or max_tokens < 1:
                 raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
                                  f"{total}, over {what} of {limit} tokens")
         return max_tokens
+
+    def warm_up(self) -> None:
+        """One real forward pass (and sampling), so that the first request does not pay for lazy set-up."""
+        self.add_request([0], SamplingParams(temperature=0, max_tokens=1), "warm-up")
+        while self.has_unfinished_requests():
+            self.step()
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free everything it holds."""

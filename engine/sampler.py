@@ -36,7 +36,7 @@ class Sampler:
     def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         column = lambda values: torch.tensor(values, device=logits.device)[:, None]  # noqa: E731
         logits = logits / column([p.temperature for p in params])
-        top_k = [p.top_k or logits.shape[-1] for p in params]
+        top_k = [min(p.top_k or logits.shape[-1], logits.shape[-1]) for p in params]
         if min(top_k) < logits.shape[-1]:
             kth = logits.sort(dim=-1, descending=True).values.gather(1, column(top_k) - 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))

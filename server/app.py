@@ -1,14 +1,21 @@
 """The HTTP routes."""
 import asyncio
+import contextlib
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import errors
+from server.admission import Admission
 from server.auth import require_key
+from server.config import ServerConfig
 from server.errors import ApiError
+from server.lifecycle import Lifecycle
+from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, now
-from server.serving import Exchange, Served, chat_inputs, completion_inputs
+from server.serving import Exchange, Run, chat_inputs, completion_inputs
+
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; can only shorten the server's --request-timeout
 
 
 async def _unless_disconnected(request: Request, work):
@@ -23,27 +30,68 @@ async def _unless_disconnected(request: Request, work):
             raise ApiError(499, "client disconnected")
 
 
-def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
-    app = FastAPI(title="nanoserve", description="OpenAI-compatible LLM server")
-    errors.install(app)
-    guarded = [Depends(require_key(api_keys))]
+class EventStream(StreamingResponse):
+    """An SSE response that closes its engine work however the exchange ends, even one whose client left
+    before the first event."""
 
+    def __init__(self, events, run: Run):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.close()
+
+
+def request_timeout(request: Request, config: ServerConfig) -> float | None:
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return config.request_timeout
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ApiError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header!r}",
+                       "invalid_request", TIMEOUT_HEADER)
+    return seconds if config.request_timeout is None else min(seconds, config.request_timeout)
+
+
+def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        lifecycle.start()
+        yield
+
+    config = lifecycle.config
+    app = FastAPI(title="nanoserve", description="OpenAI-compatible LLM server", lifespan=lifespan)
+    app.add_middleware(Admission, lifecycle=lifecycle, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    errors.install(app)
+    guarded = [Depends(require_key(config.api_keys))]
+
+    # The routes below read `lifecycle.served`: the admission middleware lets requests in only once it is set.
     async def respond(request: Request, body, inputs, chat_style: bool):
+        served = lifecycle.served
         served.check_model(body.model)
         prompts, params = inputs(served, body)
         exchange = Exchange(served, chat_style)
-        runs = served.run(prompts, params, exchange.id)
+        run = served.start(prompts, params, exchange.id, request_timeout(request, config))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(exchange.stream(runs, len(prompts), include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return EventStream(exchange.stream(run.outputs(), len(prompts), include_usage), run)
 
         async def collect():
             finals = [None] * len(prompts)
-            async for index, out in runs:
-                finals[index] = out
+            async for item in run.outputs():
+                if item is not None:
+                    finals[item[0]] = item[1]
             return finals
-        return exchange.response(await _unless_disconnected(request, collect()))
+        try:
+            return exchange.response(await _unless_disconnected(request, collect()))
+        finally:
+            run.close()
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
@@ -54,8 +102,8 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
         return await respond(request, body, chat_inputs, chat_style=True)
 
     def model_card() -> dict:
-        return {"id": served.model_name, "object": "model", "created": now(), "owned_by": "nanoserve",
-                "max_model_len": served.max_model_len}
+        return {"id": lifecycle.served.model_name, "object": "model", "created": now(), "owned_by": "nanoserve",
+                "max_model_len": lifecycle.served.max_model_len}
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
@@ -63,20 +111,22 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=guarded)
     async def model(model_id: str):
-        served.check_model(model_id)
+        lifecycle.served.check_model(model_id)
         return model_card()
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
+        served = lifecycle.served
         served.check_model(body.model)
         if body.messages is not None:
             tokens = served.chat_prompt_ids(body.messages, body.add_generation_prompt)
         else:
-            tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = served.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
+        served = lifecycle.served
         served.check_model(body.model)
         vocab = served.tokenizer.vocab_size
         if bad := [t for t in body.tokens if not 0 <= t < vocab]:
@@ -86,12 +136,20 @@ def build_app(served: Served, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if served.engine.alive:
+        """Liveness: the process is loading or its engine loop runs."""
+        if lifecycle.alive:
             return Response(status_code=200)
         return JSONResponse(errors.envelope(503, "the engine loop is not running"), 503)
 
+    @app.get("/ready")
+    async def ready():
+        """Readiness: loaded, warmed up, and not draining."""
+        if lifecycle.accepting:
+            return Response(status_code=200)
+        return JSONResponse(errors.envelope(503, lifecycle.phase.value), 503)
+
     @app.get("/metrics")
-    async def metrics():
-        return Response(served.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

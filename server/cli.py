@@ -1,7 +1,9 @@
-"""`python -m server`: flags (vLLM's names) to the engine and server configurations, then uvicorn."""
+"""`python -m server`: flags (vLLM's names where vLLM has them) to the engine and server configurations,
+then uvicorn, which answers /health at once while the model loads in the background."""
 import argparse
 import logging
 import os
+import sys
 
 import uvicorn
 
@@ -11,6 +13,8 @@ from engine.engine import LLMEngine
 from models.default_model import DEFAULT_MODEL
 from server.app import build_app
 from server.chat import choose_template
+from server.config import ServerConfig
+from server.lifecycle import Lifecycle, Server
 from server.metrics import Metrics
 from server.serving import Served
 
@@ -36,20 +40,54 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fraction of the GPU memory free after loading that the KV cache takes")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides both)")
     p.add_argument("--seed", type=int, default=0)
+    defaults = ServerConfig(model_name="")
+    p.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
+                   help="prompts waiting to start beyond which new requests get 429")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may wait and run before it is aborted (default: no limit)")
+    p.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
+                   help="seconds requests in flight get to finish after SIGTERM")
+    p.add_argument("--sse-ping-interval", type=float, default=defaults.sse_ping_interval,
+                   help="seconds of silence on a stream before a `: ping` comment")
+    p.add_argument("--max-request-body-mib", type=float, default=defaults.max_request_body_mib)
     return p.parse_args(argv)
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    engine = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    keys = tuple(args.api_key) + tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
+    server = ServerConfig(
+        model_name=args.served_model_name or args.model or DEFAULT_MODEL, api_keys=keys,
+        chat_template=args.chat_template, max_queued_requests=args.max_queued_requests,
+        request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
+        sse_ping_interval=args.sse_ping_interval, max_request_body_mib=args.max_request_body_mib)
+    return engine, server
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    config = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
-        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
-    engine = LLMEngine(config)
-    template = choose_template(args.chat_template, engine.tokenizer.chat_template, engine.model_config.architecture)
-    keys = tuple(args.api_key) + tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
-    served = Served(AsyncLLMEngine(engine), args.served_model_name or args.model or DEFAULT_MODEL, template,
-                    Metrics(engine))
-    uvicorn.run(build_app(served, keys), host=args.host, port=args.port, log_level="info")
+    try:
+        engine_config, config = configs(args)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    metrics = Metrics()
+
+    def load() -> Served:
+        engine = LLMEngine(engine_config)
+        engine.warm_up()
+        template = choose_template(config.chat_template, engine.tokenizer.chat_template,
+                                   engine.model_config.architecture)
+        metrics.watch(engine)
+        return Served(AsyncLLMEngine(engine), config, template, metrics)
+
+    lifecycle = Lifecycle(config, load)
+    # The drain ends the requests in flight itself; what uvicorn waits for afterwards is idle connections.
+    server = Server(uvicorn.Config(build_app(lifecycle, metrics), host=args.host, port=args.port,
+                                   log_level="info", timeout_graceful_shutdown=5), lifecycle)
+    server.run()
+    sys.exit(lifecycle.exit_code if server.started else 1)

@@ -9,13 +9,15 @@ from starlette.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
 
 def envelope(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
@@ -23,9 +25,9 @@ def envelope(status: int, message: str, code: str | None = None, param: str | No
                       "code": code}}
 
 
-def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
+def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(envelope(error.status, error.message, error.code, error.param), error.status,
-                        headers=headers)
+                        headers=error.headers)
 
 
 def _describe(errors: list[dict]) -> tuple[str, str | None]:

@@ -3,9 +3,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.params import SamplingParams
+
+MAX_PROMPTS = 128  # prompts in one completion request
+MAX_STOP = 4  # stop strings in one request, as OpenAI allows
 
 
 class StrictModel(BaseModel):
@@ -44,6 +47,13 @@ class SamplingFields(StrictModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop):
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stop)}")
+        return stop
+
     @model_validator(mode="after")
     def _check(self):
         used = [name for name, unused in _NOT_YET.items()
@@ -70,6 +80,15 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -1,25 +1,36 @@
 """From OpenAI requests to engine requests and back: prompts, limits, responses and stream chunks."""
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.async_engine import AsyncLLMEngine
+from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.outputs import RequestOutput
 from engine.params import SamplingParams
 from server import chat
+from server.config import ServerConfig
 from server.errors import ApiError, envelope
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+
+
+RETRY_AFTER_SECONDS = 1
 
 
 @dataclass
 class Served:
     """The model this server serves and what it needs to turn requests into engine work."""
     engine: AsyncLLMEngine
-    model_name: str
+    config: ServerConfig
     chat_template: str | None
     metrics: Metrics
+    queued: int = 0  # prompts admitted whose first output has not come yet
+    runs: set["Run"] = field(default_factory=set)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
 
     @property
     def tokenizer(self):
@@ -34,8 +45,15 @@ class Served:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            "model_not_found", "model")
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, f"the text is not valid Unicode: {exc.reason} at {exc.start}", "invalid_text",
+                           param) from exc
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
     def chat_prompt_ids(self, messages, add_generation_prompt: bool, **kwargs) -> list[int]:
         """The conversation rendered and tokenized without adding special tokens: the template wrote BOS
@@ -48,7 +66,7 @@ class Served:
                                special(tok.eos_token_ids[0] if tok.eos_token_ids else None), **kwargs)
         except chat.ChatTemplateError as exc:
             raise ApiError(400, str(exc), "invalid_chat_template", "messages") from exc
-        return tok.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, param="messages")
 
     def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         if not ids:
@@ -59,38 +77,102 @@ class Served:
                                 f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}, {wanted} in all",
                            "context_length_exceeded", param)
 
-    async def run(self, prompts: list[list[int]], params: SamplingParams, request_id: str
-                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of every prompt as they come, tagged with the prompt's index. Leaving early (a
-        disconnect, an error) cancels them all, which aborts them in the engine."""
-        queue: asyncio.Queue = asyncio.Queue()
+    def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+              timeout: float | None) -> "Run":
+        """Admit a request's prompts to the engine, or refuse them (429) when the queue is full."""
+        limit = self.config.max_queued_requests
+        if self.queued + len(prompts) > limit:
+            raise ApiError(429, f"the server is busy: {self.queued} prompts are waiting to start (at most {limit}); "
+                                "retry later", "rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return Run(self, prompts, params, request_id, timeout)
 
-        async def pump(index: int, ids: list[int]):
-            try:
-                async for out in self.engine.generate(ids, params, f"{request_id}-{index}"):
-                    await queue.put((index, out))
-            except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
-                await queue.put((index, exc))
+    def stop_all(self, error: ApiError) -> None:
+        """End every request in progress with `error` (the drain timed out)."""
+        for run in list(self.runs):
+            run.queue.put_nowait((None, error))
 
-        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
-        generated: dict[int, int | None] = dict.fromkeys(range(len(prompts)), 0)  # None once finished
+
+class Run:
+    """The engine work of one HTTP request: the outputs of each prompt as they come, tagged with the prompt's
+    index; None as a keep-alive tick after each `sse_ping_interval` of silence; an error past the deadline.
+    `close()` aborts whatever has not finished, whoever calls it and however often."""
+
+    def __init__(self, served: Served, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                 timeout: float | None):
+        self.served, self.prompts, self.timeout = served, prompts, timeout
+        loop = asyncio.get_running_loop()
+        self.deadline = None if timeout is None else loop.time() + timeout
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.generated: dict[int, int] = {}  # tokens out so far, for prompts that started and did not finish
+        self.waiting = set(range(len(prompts)))  # prompts with no output yet
+        self.last_output = [0.0] * len(prompts)
+        self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}"))
+                      for i, ids in enumerate(prompts)]
+        served.queued += len(prompts)
+        served.runs.add(self)
+
+    async def _pump(self, index: int, ids: list[int], params: SamplingParams, request_id: str) -> None:
         try:
-            while any(n is not None for n in generated.values()):
-                index, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise ApiError(400, str(item)) if isinstance(item, ValueError) else item
-                generated[index] = len(item.outputs[0].token_ids)
-                if item.finished:
-                    generated[index] = None
-                    self.metrics.finished(len(prompts[index]), len(item.outputs[0].token_ids),
-                                          item.outputs[0].finish_reason)
-                yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for index, count in generated.items():
-                if count is not None:  # left before it finished: the engine aborts it
-                    self.metrics.finished(len(prompts[index]), count, "abort")
+            async for out in self.served.engine.generate(ids, params, request_id):
+                self.queue.put_nowait((index, out))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            self.queue.put_nowait((index, exc))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+        while self.waiting or self.generated:
+            try:
+                index, item = await asyncio.wait_for(self.queue.get(), self._quiet_time())
+            except TimeoutError:
+                if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline:
+                    raise ApiError(408, f"the request did not finish within its timeout of {self.timeout:g} s",
+                                   "request_timeout") from None
+                yield None
+                continue
+            if isinstance(item, Exception):
+                raise _as_api_error(item)
+            self._observe(index, item)
+            yield index, item
+
+    def _quiet_time(self) -> float:
+        quiet = self.served.config.sse_ping_interval
+        if self.deadline is not None:
+            quiet = min(quiet, max(self.deadline - asyncio.get_running_loop().time(), 0))
+        return quiet
+
+    def _observe(self, index: int, out: RequestOutput) -> None:
+        metrics, now = self.served.metrics, time.monotonic()
+        if index in self.waiting:
+            self.waiting.discard(index)
+            self.served.queued -= 1
+        else:
+            metrics.inter_token_latency.observe(now - self.last_output[index])
+        self.last_output[index] = now
+        self.generated[index] = len(out.outputs[0].token_ids)
+        if out.finished:
+            del self.generated[index]
+            metrics.finished(out)
+
+    def close(self) -> None:
+        if self not in self.served.runs:
+            return
+        self.served.runs.discard(self)
+        self.served.queued -= len(self.waiting)
+        for task in self.tasks:
+            task.cancel()  # which aborts the request in the engine
+        for index in self.waiting:
+            self.served.metrics.aborted(len(self.prompts[index]), 0)
+        for index, count in self.generated.items():
+            self.served.metrics.aborted(len(self.prompts[index]), count)
+
+
+def _as_api_error(exc: Exception) -> Exception:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValueError):
+        return ApiError(400, str(exc), "invalid_request")
+    if isinstance(exc, EngineDeadError):
+        return ApiError(500, str(exc), "engine_dead")
+    return exc
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
@@ -131,15 +213,20 @@ class Exchange:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return sse({**self._base(obj), "choices": [], "usage": usage(outputs)})
 
-    async def stream(self, runs: AsyncIterator[tuple[int, RequestOutput]], count: int,
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput] | None], count: int,
                      include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: deltas of text that is safe to show, a finish_reason per choice, usage, [DONE]."""
+        """SSE events: deltas of text that is safe to show, a finish_reason per choice, usage, [DONE]; a
+        `: ping` comment whenever the engine was silent for a while (queued, or a long prefill)."""
         sent, finals = [""] * count, [None] * count
         try:
             if self.chat:
                 for index in range(count):
                     yield self.chunk(index, None, role=True)
-            async for index, out in runs:
+            async for item in outputs:
+                if item is None:
+                    yield ": ping\n\n"
+                    continue
+                index, out = item
                 c = out.outputs[0]
                 delta = c.text[len(sent[index]):]
                 sent[index] = c.text
@@ -150,10 +237,10 @@ class Exchange:
                     yield self.chunk(index, None if self.chat else "", c.finish_reason)
             if include_usage:
                 yield self.usage_chunk(finals)
-        except ApiError as exc:
-            yield sse(envelope(exc.status, exc.message, exc.code, exc.param))
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield sse(envelope(500, f"internal error: {exc}"))
+            error = exc if isinstance(exc, ApiError) else ApiError(500, f"internal error: {exc}")
+            self.served.metrics.errors.labels(status=str(error.status)).inc()
+            yield sse(envelope(error.status, error.message, error.code, error.param))
         yield "data: [DONE]\n\n"
 
 

@@ -42,7 +42,7 @@ class SingleSequence:
 
 @contextlib.contextmanager
 def running_server(*args: str, env: dict | None = None):
-    """`python -m server ARGS` on a free port of 127.0.0.1, waited for on /health; yields its base URL and
+    """`python -m server ARGS` on a free port of 127.0.0.1, waited for on /ready; yields its base URL and
     kills its whole process group at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,9 +53,9 @@ def running_server(*args: str, env: dict | None = None):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
-        while not _healthy(url):
+        while not _ready(url):
             if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the server did not become healthy (exit code {proc.poll()})")
+                raise RuntimeError(f"the server did not become ready (exit code {proc.poll()})")
             time.sleep(0.5)
         yield url
     finally:
@@ -63,8 +63,8 @@ def running_server(*args: str, env: dict | None = None):
         proc.wait(timeout=30)
 
 
-def _healthy(url: str) -> bool:
+def _ready(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/health").status_code == 200
+        return httpx.get(f"{url}/ready").status_code == 200
     except httpx.TransportError:
         return False

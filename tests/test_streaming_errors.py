@@ -3,11 +3,13 @@ import asyncio
 import json
 
 from server.errors import ApiError
+from server.metrics import Metrics
 from server.serving import Exchange
 
 
 class _Served:
     model_name = "m"
+    metrics = Metrics()
 
 
 async def _failing_runs():

@@ -1,0 +1,28 @@
+"""Server configuration: one frozen dataclass whose fields the server's flags map to one to one."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str  # the name clients use
+    api_keys: tuple[str, ...] = ()  # none: no authentication
+    chat_template: str | None = None  # a file or a built-in name; None: the model's own, else by architecture
+    max_queued_requests: int = 1024  # prompts admitted but not started; beyond it, 429
+    request_timeout: float | None = None  # seconds a request may wait and run; None: no deadline
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    sse_ping_interval: float = 15.0  # seconds of silence on a stream before a `: ping` comment
+    max_request_body_mib: float = 8.0  # larger bodies get 413
+
+    def __post_init__(self):
+        checks = [(self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
+                  (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be positive"),
+                  (self.drain_timeout >= 0, "drain_timeout must not be negative"),
+                  (self.sse_ping_interval > 0, "sse_ping_interval must be positive"),
+                  (self.max_request_body_mib > 0, "max_request_body_mib must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_request_body_mib * 2**20)
