@@ -72,6 +72,11 @@ class Lifecycle:
             log.info("ready to serve %s", self.config.model_name)
         error = await asyncio.wrap_future(self.served.engine.died)
         log.error("the engine loop died (%r); exiting so that the process is restarted", error)
+        self.phase = Phase.FAILED
+        # A moment for the requests in flight to write their errors and for health checks to see 503 (not a
+        # refused connection), then exit.
+        await asyncio.sleep(1.0)
+        await self._settled(5.0)
         self._exit(1, Phase.FAILED)
 
     def on_signal(self, sig: int) -> None:

@@ -40,10 +40,9 @@ class SingleSequence:
         return self.model.compute_logits(hidden)
 
 
-@contextlib.contextmanager
-def running_server(*args: str, env: dict | None = None):
-    """`python -m server ARGS` on a free port of 127.0.0.1, waited for on /ready; yields its base URL and
-    kills its whole process group at the end."""
+def start_server(*args: str, env: dict | None = None, wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """`python -m server ARGS` on a free port of 127.0.0.1 in a process group of its own; with `wait`,
+    returns once /ready says 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,20 +50,34 @@ def running_server(*args: str, env: dict | None = None):
                             env={**os.environ, **(env or {})}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while wait and status(f"{url}/ready") != 200:
+        if time.time() > deadline or proc.poll() is not None:
+            stop_server(proc)
+            raise RuntimeError(f"the server did not become ready (exit code {proc.poll()})")
+        time.sleep(0.5)
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict | None = None):
+    """A ready server (see `start_server`); yields its base URL, and kills its process group at the end."""
+    proc, url = start_server(*args, env=env)
     try:
-        deadline = time.time() + 180
-        while not _ready(url):
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the server did not become ready (exit code {proc.poll()})")
-            time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
-def _ready(url: str) -> bool:
+def status(url: str) -> int | None:
+    """The status code of GET `url`, or None when nothing answers."""
     try:
-        return httpx.get(f"{url}/ready").status_code == 200
+        return httpx.get(url).status_code
     except httpx.TransportError:
-        return False
+        return None
