@@ -81,3 +81,19 @@ def status(url: str) -> int | None:
         return httpx.get(url).status_code
     except httpx.TransportError:
         return None
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The server's `nanoserve:` series, by name and labels."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("nanoserve:")}
+
+
+def assert_idle(url: str) -> None:
+    """Nothing running or waiting and every KV block free, once aborts have reached the engine."""
+    deadline = time.time() + 10
+    while time.time() < deadline and metrics(url)["nanoserve:num_requests_running"]:
+        time.sleep(0.1)
+    m = metrics(url)
+    assert (m["nanoserve:num_requests_running"], m["nanoserve:num_requests_waiting"],
+            m["nanoserve:kv_cache_usage_perc"]) == (0, 0, 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import running_server, start_server, status, stop_server
+from tests.helpers import assert_idle, metrics, running_server, start_server, status, stop_server
 
 MODEL = "smol"
 FAULTS = Path(__file__).parent / "faults"
@@ -20,21 +20,6 @@ FAULTS = Path(__file__).parent / "faults"
 
 def completion(**fields) -> dict:
     return {"model": MODEL, "prompt": "Tell me a long story.", "temperature": 0, **fields}
-
-
-def metrics(url: str) -> dict[str, float]:
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("nanoserve:")}
-
-
-def assert_idle(url: str) -> None:
-    """Nothing running or waiting and every KV block free, once aborts have reached the engine."""
-    deadline = time.time() + 10
-    while time.time() < deadline and metrics(url)["nanoserve:num_requests_running"]:
-        time.sleep(0.1)
-    m = metrics(url)
-    assert (m["nanoserve:num_requests_running"], m["nanoserve:num_requests_waiting"],
-            m["nanoserve:kv_cache_usage_perc"]) == (0, 0, 0)
 
 
 def assert_error(response: httpx.Response, status_code: int, code: str | None = None) -> dict:
@@ -118,8 +103,9 @@ def test_a_body_over_the_limit_gets_413(small):
     body = json.dumps(completion(prompt="a" * (10 << 20))).encode()
     assert_error(httpx.post(f"{small}/v1/completions", content=body, headers={"Content-Type": "application/json"},
                             timeout=60), 413, "request_too_large")
-    chunked = httpx.post(f"{small}/v1/completions", content=iter([body[i:i + 2**20] for i in range(0, len(body), 2**20)]),
-                         headers={"Content-Type": "application/json"}, timeout=60)  # no Content-Length
+    pieces = iter([body[i:i + 2**20] for i in range(0, len(body), 2**20)])  # sent chunked: no Content-Length
+    chunked = httpx.post(f"{small}/v1/completions", content=pieces, headers={"Content-Type": "application/json"},
+                         timeout=60)
     assert_error(chunked, 413, "request_too_large")
     assert status(f"{small}/health") == 200
 

@@ -1,7 +1,6 @@
 """A real `python -m server` process on 127.0.0.1, driven with the openai SDK and httpx as users do."""
 import asyncio
 import json
-import time
 
 import httpx
 import openai
@@ -9,7 +8,7 @@ import pytest
 
 from engine import SamplingParams
 from server.chat import render
-from tests.helpers import running_server
+from tests.helpers import assert_idle, metrics, running_server
 
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
@@ -31,11 +30,6 @@ def client(base_url):
 def _post(base_url, path, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=timeout)
-
-
-def _metrics(base_url) -> dict[str, float]:
-    text = httpx.get(f"{base_url}/metrics").text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("nanoserve:")}
 
 
 def _assert_error(response, status, code=None, param=None, text=None):
@@ -89,12 +83,8 @@ def test_non_streaming_disconnect_aborts(base_url):
     body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 450, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         _post(base_url, "/v1/completions", body, timeout=2)
-    deadline = time.time() + 10
-    while time.time() < deadline and _metrics(base_url)["nanoserve:num_requests_running"]:
-        time.sleep(0.1)
-    metrics = _metrics(base_url)
-    assert metrics["nanoserve:num_requests_running"] == 0 and metrics["nanoserve:kv_cache_usage_perc"] == 0
-    assert metrics['nanoserve:request_success_total{finished_reason="abort"}'] >= 1
+    assert_idle(base_url)
+    assert metrics(base_url)['nanoserve:request_success_total{finished_reason="abort"}'] >= 1
 
 
 def test_chat_matches_the_offline_api(client, llm, default_model_path):
@@ -214,12 +204,8 @@ def test_disconnect_mid_stream_frees_every_block(base_url):
         for i, _ in enumerate(response.iter_lines()):
             if i == 6:
                 break
-        assert _metrics(base_url)["nanoserve:num_requests_running"] == 1
-    deadline = time.time() + 10
-    while time.time() < deadline and _metrics(base_url)["nanoserve:num_requests_running"]:
-        time.sleep(0.1)
-    metrics = _metrics(base_url)
-    assert metrics["nanoserve:num_requests_running"] == 0 and metrics["nanoserve:kv_cache_usage_perc"] == 0
+        assert metrics(base_url)["nanoserve:num_requests_running"] == 1
+    assert_idle(base_url)
 
 
 def test_openapi_describes_the_bodies(base_url):
