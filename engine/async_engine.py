@@ -61,6 +61,8 @@ class AsyncLLMEngine:
             self.engine.abort(request_id)
             return
         prompt, params, future = payload
+        if not future.set_running_or_notify_cancel():
+            return  # the caller left before the request was added; nothing to undo
         try:
             future.set_result(self.engine.add_request(prompt, params, request_id))
         except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to a 400

@@ -1,5 +1,6 @@
 """Every failure as OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,20 +32,24 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def _describe(errors: list[dict]) -> tuple[str, str | None]:
-    """A readable message from pydantic's errors, naming the fields; and the first field as `param`."""
-    parts, params = [], []
+    """A readable message from pydantic's errors, naming the fields; and as `param` the first field named
+    (for a union, the field itself rather than the member type pydantic tried last)."""
+    parts, locs = [], []
     for e in errors:
-        field = ".".join(str(x) for x in e["loc"][1:]) if e["loc"][:1] == ("body",) else ".".join(map(str, e["loc"]))
+        loc = tuple(e["loc"][1:]) if e["loc"][:1] == ("body",) else tuple(e["loc"])
+        field = ".".join(map(str, loc))
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown field {field!r}")
         elif e["type"] == "json_invalid":
             parts.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', message)}")
-            field = ""
+            loc = ()
         else:
             parts.append(f"{field}: {message}" if field else message)
-        params.append(field or None)
-    return "; ".join(parts), params[0] if params else None
+        locs.append(loc)
+    same_field = [loc for loc in locs if loc[:1] == locs[0][:1]] if locs else []
+    param = ".".join(map(str, os.path.commonprefix(same_field))) if same_field else ""
+    return "; ".join(parts), param or None
 
 
 def install(app: FastAPI) -> None:
@@ -59,7 +64,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
-        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+        message = {400: "the body is not valid JSON in UTF-8", 404: "no such route",
+                   405: "method not allowed"}.get(exc.status_code, str(exc.detail))  # 400: FastAPI's body parsing
         return JSONResponse(envelope(exc.status_code, message), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -1,16 +1,23 @@
 """Test helpers: a model on a small paged cache without the engine, and a real server process."""
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+from pathlib import Path
 
 import httpx
 import torch
 
 from models.attention import AttentionMetadata
+from models.tokenizer import load_tokenizer
+
+VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
 
 
 class SingleSequence:
@@ -41,20 +48,21 @@ class SingleSequence:
 
 
 def start_server(*args: str, env: dict | None = None, wait: bool = True) -> tuple[subprocess.Popen, str]:
-    """`python -m server ARGS` on a free port of 127.0.0.1 in a process group of its own; with `wait`,
-    returns once /ready says 200."""
+    """`python -m server ARGS` on a free port of 127.0.0.1 in a process group of its own, its output in a
+    log file named in any failure; with `wait`, returns once /ready says 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = Path(tempfile.gettempdir()) / f"nanoserve-test-server-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
                             env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while wait and status(f"{url}/ready") != 200:
         if time.time() > deadline or proc.poll() is not None:
             stop_server(proc)
-            raise RuntimeError(f"the server did not become ready (exit code {proc.poll()})")
+            raise RuntimeError(f"the server did not become ready (exit code {proc.poll()}); its log: {log}")
         time.sleep(0.5)
     return proc, url
 
@@ -63,6 +71,15 @@ def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def tiny_checkpoint(path: Path, model_class, config, vocab: str, special: dict) -> Path:
+    """A checkpoint folder: seeded random tiny weights, a real vocabulary as tokenizer.json, its config."""
+    torch.manual_seed(0)
+    model_class(config).eval().save_pretrained(path)
+    load_tokenizer(VOCAB / vocab).backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(special))
+    return path
 
 
 @contextlib.contextmanager

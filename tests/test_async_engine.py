@@ -1,6 +1,7 @@
 """The engine thread's failure path, with a stand-in engine (narrow unit test)."""
 import asyncio
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -41,3 +42,18 @@ def test_in_flight_requests_hear_of_a_dead_loop_and_new_ones_are_refused():
     assert not engine.alive
     with pytest.raises(EngineDeadError):
         asyncio.run(consume())
+
+
+class _RefusesEverything(_BreaksOnStep):
+    def add_request(self, prompt, params, request_id):
+        raise ValueError("refused")
+
+
+def test_a_request_whose_caller_left_before_it_was_added_is_skipped():
+    """Found by fuzzing: the caller cancels while the add is queued (another prompt of the same HTTP request
+    failed); the loop must not die setting a result on the cancelled future."""
+    engine = AsyncLLMEngine(_RefusesEverything())
+    added = Future()
+    added.cancel()
+    engine._handle(("add", "r1", ([1], SamplingParams(), added)))
+    assert engine.alive and added.cancelled()

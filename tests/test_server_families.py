@@ -1,8 +1,5 @@
 """Tiny Llama-2 and Cohere checkpoint folders with their real vocabularies, served end to end: chat through
 the server (streaming and not) gives the tokens the offline API gives for the same prompt."""
-import json
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
@@ -12,19 +9,9 @@ from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForC
 from engine import LLM, SamplingParams
 from models.gguf_file import open_gguf
 from models.tokenizer import load_tokenizer
-from tests.helpers import running_server
+from tests.helpers import VOCAB, running_server, tiny_checkpoint
 
-VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
-
-
-def _folder(path: Path, model, vocab: str, special: dict) -> Path:
-    """A checkpoint folder: random tiny weights, the real vocabulary as tokenizer.json, its config."""
-    torch.manual_seed(0)
-    model.eval().save_pretrained(path)
-    load_tokenizer(VOCAB / vocab).backend.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(special))
-    return path
 
 
 @pytest.fixture(scope="module", params=["llama-2", "command-r"])
@@ -33,15 +20,16 @@ def family(request, tmp_path_factory):
     small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256)
     if request.param == "llama-2":
-        folder = _folder(path, LlamaForCausalLM(LlamaConfig(vocab_size=32000, **small)), "ggml-vocab-llama-spm.gguf",
-                         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+        folder = tiny_checkpoint(path, LlamaForCausalLM, LlamaConfig(vocab_size=32000, **small),
+                                 "ggml-vocab-llama-spm.gguf",
+                                 {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
         bos = "<s>"
     else:
         template = open_gguf(VOCAB / "ggml-vocab-command-r.gguf").fields["tokenizer.chat_template"].contents()
-        folder = _folder(path, CohereForCausalLM(CohereConfig(vocab_size=256000, **small)),
-                         "ggml-vocab-command-r.gguf",
-                         {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "add_bos_token": True,
-                          "chat_template": template})
+        folder = tiny_checkpoint(path, CohereForCausalLM, CohereConfig(vocab_size=256000, **small),
+                                 "ggml-vocab-command-r.gguf",
+                                 {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>",
+                                  "add_bos_token": True, "chat_template": template})
         bos = "<BOS_TOKEN>"
     with running_server("--model", str(folder), "--max-model-len", "256", "--num-kv-blocks", "64") as url:
         yield url, folder, bos
