@@ -1,0 +1,49 @@
+# nanoserve: the OpenAI-compatible server on port 8000.
+#   docker build -t nanoserve .                              # CUDA 13 (CUDA_IMAGE, TORCH_INDEX: others)
+#   docker build -t nanoserve:cpu --build-arg VARIANT=cpu .  # machines without a GPU
+#   docker run --gpus all -p 8000:8000 -v nanoserve-models:/models nanoserve --max-model-len 4096
+# Flags after the image name go to `python -m server`; the API key comes from $NANOSERVE_API_KEY.
+ARG VARIANT=cuda
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS base-cuda
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ENV TORCH_INDEX=${TORCH_INDEX}
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM python:3.11-slim-bookworm AS base-cpu
+ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+# hadolint ignore=DL3006
+FROM base-${VARIANT}
+ARG TORCH_VERSION=2.13.0
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    NANOSERVE_CACHE=/models
+RUN python3 -m venv /opt/venv \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /opt/nanoserve
+COPY pyproject.toml README.md ./
+COPY chat_templates chat_templates
+COPY engine engine
+COPY models models
+COPY server server
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 1000 nanoserve \
+    && mkdir -p /models && chown nanoserve /models
+
+# The default model (fetched from PyPI at first start) and any model you mount live here.
+VOLUME /models
+USER 1000
+EXPOSE 8000
+# /health is liveness: 200 while the model loads and while the engine runs. Readiness is /ready.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# SIGTERM drains (see --drain-timeout); give `docker stop` as long: docker stop -t 60.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "server"]
