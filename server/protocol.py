@@ -20,7 +20,7 @@ class StreamOptions(StrictModel):
 
 
 # OpenAI parameters this server does not implement yet, with the values that mean "not used".
-_NOT_YET = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,), "best_of": (None, 1),
+NOT_YET_SUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,), "best_of": (None, 1),
             "suffix": (None,), "logit_bias": (None, {}), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
             "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
             "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"})}
@@ -56,7 +56,7 @@ class SamplingFields(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        used = [name for name, unused in _NOT_YET.items()
+        used = [name for name, unused in NOT_YET_SUPPORTED.items()
                 if name in type(self).model_fields and getattr(self, name) not in unused]
         if used:
             raise ValueError(f"not supported yet: {', '.join(used)}")
@@ -104,10 +104,10 @@ class TextPart(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]  # null only goes with tool calls, which are not supported yet
     name: str | None = None
 
-    def text(self) -> str | None:
+    def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content
