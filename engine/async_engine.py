@@ -30,6 +30,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.error: BaseException | None = None
         self.died: Future = Future()  # resolved with the error once the loop has stopped
+        self._running = True
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -37,9 +38,15 @@ class AsyncLLMEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop between two steps (requests still running are dropped) and wait for it: a thread
+        killed inside a kernel at interpreter exit aborts the process."""
+        self._inbox.put(("stop", None, None))
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         try:
-            while True:
+            while self._running:
                 block = not self.engine.has_unfinished_requests()
                 self._handle(self._inbox.get(block=block) if block else None)
                 while not self._inbox.empty():
@@ -49,14 +56,22 @@ class AsyncLLMEngine:
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             log.exception("engine loop died")
             self.error = exc
+            dead = EngineDeadError(f"the engine stopped: {exc}")
             for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"the engine stopped: {exc}"))
+                self._deliver(request_id, dead)
+            while not self._inbox.empty():  # requests never added: their callers wait on the add
+                kind, _, payload = self._inbox.get_nowait()
+                if kind == "add" and payload[2].set_running_or_notify_cancel():
+                    payload[2].set_exception(dead)
             self.died.set_result(exc)
 
     def _handle(self, message) -> None:
         if message is None:
             return
         kind, request_id, payload = message
+        if kind == "stop":
+            self._running = False
+            return
         if kind == "abort":
             self.engine.abort(request_id)
             return
@@ -83,6 +98,9 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         added: Future = Future()
         self._inbox.put(("add", request_id, (prompt, params, added)))
+        if self.error is not None:  # the loop died before it could see this request
+            del self._streams[request_id]
+            raise EngineDeadError(f"the engine stopped: {self.error}")
         finished = False
         try:
             await asyncio.wrap_future(added)

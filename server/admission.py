@@ -26,18 +26,23 @@ class Admission:
             await send(message)
 
         if not self.lifecycle.accepting:
-            return await _refuse(503, self.lifecycle.phase.value, "service_unavailable", scope, receive,
-                                 send_counting_errors)
-        body = await self._read_body(scope, receive)
-        if body is None:
-            limit = self.max_body_bytes
-            return await _refuse(413, f"the request body is over the limit of {limit} bytes ({limit / 2**20:g} MiB)",
-                                 "request_too_large", scope, receive, send_counting_errors)
-        self.lifecycle.in_flight += 1
+            return await self._refuse_unready(scope, receive, send_counting_errors)
+        self.lifecycle.in_flight += 1  # from here on, a drain waits for this request
         try:
-            await self.app(scope, _replay(body, receive), send_counting_errors)
+            body = await self._read_body(scope, receive)
+            if body is None:
+                limit = self.max_body_bytes
+                await _refuse(413, f"the request body is over the limit of {limit} bytes ({limit / 2**20:g} MiB)",
+                              "request_too_large", scope, receive, send_counting_errors)
+            elif not self.lifecycle.accepting:  # the server began draining while the body arrived
+                await self._refuse_unready(scope, receive, send_counting_errors)
+            else:
+                await self.app(scope, _replay(body, receive), send_counting_errors)
         finally:
             self.lifecycle.in_flight -= 1
+
+    async def _refuse_unready(self, scope, receive, send) -> None:
+        await _refuse(503, self.lifecycle.phase.value, "service_unavailable", scope, receive, send)
 
     async def _read_body(self, scope, receive) -> bytes | None:
         """The whole body, or None as soon as it is known to be over the limit."""

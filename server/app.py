@@ -26,7 +26,7 @@ async def _unless_disconnected(request: Request, work):
         if done:
             return task.result()
         if await request.is_disconnected():
-            task.cancel()
+            task.cancel()  # and the caller closes its run: a cancel that wait_for swallowed ends there
             raise ApiError(499, "client disconnected")
 
 
@@ -64,6 +64,7 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
     async def lifespan(_: FastAPI):
         lifecycle.start()
         yield
+        lifecycle.shutdown()
 
     config = lifecycle.config
     app = FastAPI(title="nanoserve", description="OpenAI-compatible LLM server", lifespan=lifespan)

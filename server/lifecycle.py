@@ -55,11 +55,22 @@ class Lifecycle:
 
         def load() -> None:
             try:
-                loaded.set_result(self._load())
+                served, error = self._load(), None
             except BaseException as exc:  # noqa: BLE001 - reported by _boot
-                loaded.set_exception(exc)
+                served, error = None, exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+            if loaded.cancelled():  # the server stopped while this loaded
+                return
+            if error:
+                loaded.set_exception(error)
+            else:
+                loaded.set_result(served)
         threading.Thread(target=load, name="model-loader", daemon=True).start()
         self._spawn(self._boot(loaded))
+
+    def shutdown(self) -> None:
+        """Last, once the HTTP server has stopped: stop the engine thread cleanly."""
+        if self.served is not None:
+            self.served.engine.stop()
 
     async def _boot(self, loaded: Future) -> None:
         try:
@@ -72,7 +83,7 @@ class Lifecycle:
             log.info("ready to serve %s", self.config.model_name)
         error = await asyncio.wrap_future(self.served.engine.died)
         log.error("the engine loop died (%r); exiting so that the process is restarted", error)
-        self.phase = Phase.FAILED
+        self.phase, self.exit_code = Phase.FAILED, 1
         # A moment for the requests in flight to write their errors and for health checks to see 503 (not a
         # refused connection), then exit.
         await asyncio.sleep(1.0)
@@ -90,6 +101,8 @@ class Lifecycle:
         self.loop.call_soon_threadsafe(self._begin_drain)
 
     def _begin_drain(self) -> None:
+        if self.phase is Phase.FAILED:
+            return  # already on its way out, with exit code 1
         if self.served is None or self.phase is not Phase.READY:
             return self._exit(0, Phase.DRAINING)
         self.phase = Phase.DRAINING
@@ -112,7 +125,9 @@ class Lifecycle:
         return not self.in_flight
 
     def _exit(self, code: int, phase: Phase) -> None:
-        self.phase, self.exit_code = phase, self.exit_code or code
+        if self.phase is not Phase.FAILED:
+            self.phase = phase
+        self.exit_code = self.exit_code or code
         self.stop()
 
     def _spawn(self, coroutine) -> None:

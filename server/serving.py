@@ -81,6 +81,9 @@ class Served:
               timeout: float | None) -> "Run":
         """Admit a request's prompts to the engine, or refuse them (429) when the queue is full."""
         limit = self.config.max_queued_requests
+        if len(prompts) > limit:
+            raise ApiError(400, f"{len(prompts)} prompts in one request, more than the server queues at once "
+                                f"({limit})", "too_many_prompts", "prompt")
         if self.queued + len(prompts) > limit:
             raise ApiError(429, f"the server is busy: {self.queued} prompts are waiting to start (at most {limit}); "
                                 "retry later", "rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -106,6 +109,7 @@ class Run:
         self.generated: dict[int, int] = {}  # tokens out so far, for prompts that started and did not finish
         self.waiting = set(range(len(prompts)))  # prompts with no output yet
         self.last_output = [0.0] * len(prompts)
+        self.closed = False
         self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}"))
                       for i, ids in enumerate(prompts)]
         served.queued += len(prompts)
@@ -119,7 +123,7 @@ class Run:
             self.queue.put_nowait((index, exc))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput] | None]:
-        while self.waiting or self.generated:
+        while (self.waiting or self.generated) and not self.closed:
             try:
                 index, item = await asyncio.wait_for(self.queue.get(), self._quiet_time())
             except TimeoutError:
@@ -128,6 +132,8 @@ class Run:
                                    "request_timeout") from None
                 yield None
                 continue
+            if self.closed:  # `close()` woke us (a cancelled wait_for may still have taken an item)
+                return
             if isinstance(item, Exception):
                 raise _as_api_error(item)
             self._observe(index, item)
@@ -153,8 +159,10 @@ class Run:
             metrics.finished(out)
 
     def close(self) -> None:
-        if self not in self.served.runs:
+        if self.closed:
             return
+        self.closed = True
+        self.queue.put_nowait((None, None))
         self.served.runs.discard(self)
         self.served.queued -= len(self.waiting)
         for task in self.tasks:

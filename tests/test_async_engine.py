@@ -1,5 +1,6 @@
 """The engine thread's failure path, with a stand-in engine (narrow unit test)."""
 import asyncio
+import threading
 import time
 from concurrent.futures import Future
 
@@ -57,3 +58,20 @@ def test_a_request_whose_caller_left_before_it_was_added_is_skipped():
     added.cancel()
     engine._handle(("add", "r1", ([1], SamplingParams(), added)))
     assert engine.alive and added.cancelled()
+
+
+def test_a_request_still_queued_when_the_loop_dies_hears_of_it():
+    """An add that reaches the inbox while the failing step runs is answered, not left waiting forever."""
+    late, engine_ready = Future(), threading.Event()
+
+    class _DiesWithAnAddQueued(_BreaksOnStep):
+        def has_unfinished_requests(self):
+            return True
+
+        def step(self):
+            engine_ready.wait(5)
+            engine._inbox.put(("add", "late", ([1], SamplingParams(), late)))
+            raise RuntimeError("boom")
+    engine = AsyncLLMEngine(_DiesWithAnAddQueued())
+    engine_ready.set()
+    assert isinstance(late.exception(timeout=5), EngineDeadError)

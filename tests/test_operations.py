@@ -63,6 +63,11 @@ def test_a_burst_beyond_the_queue_gets_429_and_the_accepted_all_complete(small):
     assert_idle(small)
 
 
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429_forever(small):
+    response = httpx.post(f"{small}/v1/completions", json=completion(prompt=["a", "b", "c", "d", "e"]), timeout=60)
+    assert_error(response, 400, "too_many_prompts")
+
+
 def test_a_queued_stream_gets_keep_alive_pings(small):
     """Two long requests hold both sequence slots; a third stream waits in the queue, and says so."""
     def hold():
@@ -154,7 +159,8 @@ def _stream_all(url: str, count: int, max_tokens: int, streaming: threading.Even
 
 
 def test_loading_then_sigterm_drains_every_stream_and_exits_0(default_model_path):
-    proc, url = start_server("--model", str(default_model_path), "--served-model-name", MODEL, wait=False)
+    proc, url = start_server("--model", str(default_model_path), "--served-model-name", MODEL, "--drain-timeout", "300",
+                             wait=False)
     try:
         seen = set()
         while status(f"{url}/ready") != 200:

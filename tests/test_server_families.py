@@ -63,5 +63,6 @@ def test_logits_match_transformers(family):
     ids = load_tokenizer(folder).encode("Hello there! How are you today?")
     ours = load_model(folder, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
-        expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        expected = reference(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
