@@ -38,6 +38,9 @@ class Admission:
                 await self._refuse_unready(scope, receive, send_counting_errors)
             else:
                 await self.app(scope, _replay(body, receive), send_counting_errors)
+        except Exception:
+            self.metrics.errors.labels(status="500").inc()  # answered by the outermost handler, past this one
+            raise
         finally:
             self.lifecycle.in_flight -= 1
 
