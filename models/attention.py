@@ -87,6 +87,10 @@ class PagedAttention(nn.Module):
 
 def _gather(cache: KVCache, block_tables: torch.Tensor, length: int) -> torch.Tensor:
     """Keys and values of the first `length` cached tokens of each sequence, in one copy:
-    [2, seqs, length, kv_heads, head_dim]."""
-    num_blocks = -(-length // cache.shape[2])
-    return cache[:, block_tables[:, :num_blocks]].flatten(2, 3)[:, :, :length]
+    [2, seqs, length, kv_heads, head_dim]. Whole blocks are rows of a 2-d view picked with index_select,
+    which copies at memory speed (indexing the 5-d cache directly was 2.5x slower on the CPU)."""
+    total_blocks, block_size = cache.shape[1], cache.shape[2]
+    ids = block_tables[:, :-(-length // block_size)]
+    rows = torch.cat([ids.flatten(), ids.flatten() + total_blocks])  # K blocks, then V blocks
+    picked = cache.view(2 * total_blocks, -1).index_select(0, rows)
+    return picked.view(2, *ids.shape, *cache.shape[2:]).flatten(2, 3)[:, :, :length]
