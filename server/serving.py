@@ -110,6 +110,7 @@ class Run:
         self.waiting = set(range(len(prompts)))  # prompts with no output yet
         self.last_output = [0.0] * len(prompts)
         self.closed = False
+        self.failed = False  # an error came in (a refused prompt, the drain, a dead engine): no aborts to count
         self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}"))
                       for i, ids in enumerate(prompts)]
         served.queued += len(prompts)
@@ -135,6 +136,7 @@ class Run:
             if self.closed:  # `close()` woke us (a cancelled wait_for may still have taken an item)
                 return
             if isinstance(item, Exception):
+                self.failed = True
                 raise _as_api_error(item)
             self._observe(index, item)
             yield index, item
@@ -167,7 +169,7 @@ class Run:
         self.served.queued -= len(self.waiting)
         for task in self.tasks:
             task.cancel()  # which aborts the request in the engine
-        for index in self.waiting:
+        for index in () if self.failed else self.waiting:
             self.served.metrics.aborted(len(self.prompts[index]), 0)
         for index, count in self.generated.items():
             self.served.metrics.aborted(len(self.prompts[index]), count)
