@@ -3,9 +3,7 @@
 flight so that a drain knows when it is done, and counted by status when the answer is an error."""
 from collections.abc import Awaitable, Callable
 
-from fastapi.responses import JSONResponse
-
-from server.errors import envelope
+from server.errors import ApiError, error_response
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
@@ -75,4 +73,4 @@ def _replay(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
 
 
 async def _refuse(status: int, message: str, code: str, scope, receive, send) -> None:
-    await JSONResponse(envelope(status, message, code), status)(scope, receive, send)
+    await error_response(ApiError(status, message, code))(scope, receive, send)

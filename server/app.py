@@ -3,7 +3,7 @@ import asyncio
 import contextlib
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from server import errors
 from server.admission import Admission
@@ -140,14 +140,14 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         """Liveness: the process is loading or its engine loop runs."""
         if lifecycle.alive:
             return Response(status_code=200)
-        return JSONResponse(errors.envelope(503, "the engine loop is not running"), 503)
+        return errors.error_response(ApiError(503, "the engine loop is not running"))
 
     @app.get("/ready")
     async def ready():
         """Readiness: loaded, warmed up, and not draining."""
         if lifecycle.accepting:
             return Response(status_code=200)
-        return JSONResponse(errors.envelope(503, lifecycle.phase.value), 503)
+        return errors.error_response(ApiError(503, lifecycle.phase.value))
 
     @app.get("/metrics")
     async def prometheus():

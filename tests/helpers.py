@@ -114,3 +114,18 @@ def assert_idle(url: str) -> None:
     m = metrics(url)
     assert (m["nanoserve:num_requests_running"], m["nanoserve:num_requests_waiting"],
             m["nanoserve:kv_cache_usage_perc"]) == (0, 0, 0)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None,
+                 text: str | None = None) -> dict:
+    """The response is `status` with OpenAI's error envelope (and the code, param and words given); returns
+    the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"], error
+    assert code is None or error["code"] == code, error
+    assert param is None or error["param"] == param, error
+    assert text is None or text in error["message"], error
+    return error

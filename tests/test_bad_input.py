@@ -14,7 +14,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.protocol import NOT_YET_SUPPORTED
-from tests.helpers import assert_idle, running_server, tiny_checkpoint
+from tests.helpers import assert_error, assert_idle, running_server, tiny_checkpoint
 
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "nanoserve-hypothesis"))
 import schemathesis  # noqa: E402 - after the storage folder is set, so that nothing is written into the repo
@@ -42,9 +42,7 @@ def url(tmp_path_factory):
 def assert_answer_is_sound(response) -> None:
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     if response.status_code >= 400:
-        body = json.loads(response.content)
-        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+        assert_error(response, response.status_code)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
@@ -101,12 +99,7 @@ def completion(**fields) -> dict:
     (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "maximum context length"),
 ])
 def test_hand_written_bad_completions(url, body, param, text):
-    response = raw(url, body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert_answer_is_sound(response)
-    assert param is None or error["param"] == param, error
-    assert text is None or text in error["message"], error
+    assert_error(raw(url, body), 400, param=param, text=text)
 
 
 @pytest.mark.parametrize("body", [
@@ -117,9 +110,7 @@ def test_hand_written_bad_completions(url, body, param, text):
     {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
 ])
 def test_hand_written_bad_chats(url, body):
-    response = raw(url, json.dumps(body).encode(), "/v1/chat/completions")
-    assert response.status_code == 400, response.text
-    assert_answer_is_sound(response)
+    assert_error(raw(url, json.dumps(body).encode(), "/v1/chat/completions"), 400)
 
 
 def test_odd_but_valid_values_run(url):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import assert_idle, metrics, running_server, start_server, status, stop_server
+from tests.helpers import assert_error, assert_idle, metrics, running_server, start_server, status, stop_server
 
 MODEL = "smol"
 FAULTS = Path(__file__).parent / "faults"
@@ -20,14 +20,6 @@ FAULTS = Path(__file__).parent / "faults"
 
 def completion(**fields) -> dict:
     return {"model": MODEL, "prompt": "Tell me a long story.", "temperature": 0, **fields}
-
-
-def assert_error(response: httpx.Response, status_code: int, code: str | None = None) -> dict:
-    assert response.status_code == status_code, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert code is None or error["code"] == code
-    return error
 
 
 def events(response: httpx.Response) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from engine import SamplingParams
 from server.chat import render
-from tests.helpers import assert_idle, metrics, running_server
+from tests.helpers import assert_error, assert_idle, metrics, running_server
 
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
@@ -30,18 +30,6 @@ def client(base_url):
 def _post(base_url, path, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=timeout)
-
-
-def _assert_error(response, status, code=None, param=None, text=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    if code:
-        assert error["code"] == code
-    if param:
-        assert error["param"] == param
-    if text:
-        assert text in error["message"]
 
 
 def test_completion_with_usage_and_length_cut(client):
@@ -132,10 +120,10 @@ def test_concurrent_streams(base_url, client):
 
 
 def test_auth(base_url):
-    _assert_error(_post(base_url, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None), 401,
+    assert_error(_post(base_url, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None), 401,
                   "invalid_api_key")
-    _assert_error(_post(base_url, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong"), 401)
-    _assert_error(httpx.get(f"{base_url}/v1/models"), 401)
+    assert_error(_post(base_url, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong"), 401)
+    assert_error(httpx.get(f"{base_url}/v1/models"), 401)
     assert httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"] \
         == MODEL
     assert httpx.get(f"{base_url}/health").status_code == 200
@@ -157,7 +145,7 @@ def test_auth(base_url):
     ({"model": MODEL, "prompt": ""}, 400, None, "prompt", "empty"),
 ])
 def test_completion_errors(base_url, body, status, code, param, text):
-    _assert_error(_post(base_url, "/v1/completions", body), status, code, param, text)
+    assert_error(_post(base_url, "/v1/completions", body), status, code, param, text)
 
 
 def test_chat_content_parts_equal_plain_content(client):
@@ -169,10 +157,10 @@ def test_chat_content_parts_equal_plain_content(client):
 
 
 def test_chat_errors(base_url):
-    _assert_error(_post(base_url, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, param="messages")
-    _assert_error(_post(base_url, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "tools": [{}]}),
+    assert_error(_post(base_url, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, param="messages")
+    assert_error(_post(base_url, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "tools": [{}]}),
                   400, text="tools")
-    _assert_error(_post(base_url, "/v1/chat/completions",
+    assert_error(_post(base_url, "/v1/chat/completions",
                         {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     ok = _post(base_url, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_completion_tokens": 2,
                                                   "user": "u1", "store": False, "metadata": {"a": "b"},
@@ -182,10 +170,10 @@ def test_chat_errors(base_url):
 
 def test_other_error_paths(base_url):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    _assert_error(httpx.post(f"{base_url}/v1/completions", content=b"{bad json", headers=headers), 400,
+    assert_error(httpx.post(f"{base_url}/v1/completions", content=b"{bad json", headers=headers), 400,
                   text="not valid JSON")
-    _assert_error(httpx.get(f"{base_url}/v1/nothing", headers=headers), 404)
-    _assert_error(httpx.delete(f"{base_url}/v1/completions", headers=headers), 405)
+    assert_error(httpx.get(f"{base_url}/v1/nothing", headers=headers), 404)
+    assert_error(httpx.delete(f"{base_url}/v1/completions", headers=headers), 405)
 
 
 def test_tokenize_and_detokenize(base_url, llm):
@@ -194,7 +182,7 @@ def test_tokenize_and_detokenize(base_url, llm):
     chat = _post(base_url, "/tokenize", {"model": MODEL, "messages": QUESTION}).json()
     assert chat["tokens"][0] == 1 and chat["count"] == len(chat["tokens"])
     assert _post(base_url, "/detokenize", {"model": MODEL, "tokens": out["tokens"]}).json() == {"prompt": "Hello world"}
-    _assert_error(_post(base_url, "/detokenize", {"model": MODEL, "tokens": [-1]}), 400, param="tokens")
+    assert_error(_post(base_url, "/detokenize", {"model": MODEL, "tokens": [-1]}), 400, param="tokens")
 
 
 def test_disconnect_mid_stream_frees_every_block(base_url):
