@@ -1,8 +1,8 @@
 """Paged attention: new K/V go into a block pool, queries attend over the blocks of their sequence.
 
-This pure-PyTorch implementation runs on every device and is what the tests exercise. A faster
-backend (a flash-attention kernel on CUDA) can replace `PagedAttention.forward` behind the same
-metadata.
+The pure-PyTorch implementation runs on every device. Decoding may instead call a kernel that reads
+the blocks in place (`decode_kernel`, set at load: the native CPU kernel of `models/native.py`); a
+flash-attention kernel on CUDA can come in the same way, behind the same metadata.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,6 +43,7 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        self.decode_kernel = None  # (q, cache, block_tables, context_lens, scale) -> out, or the PyTorch path
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -57,7 +58,11 @@ class PagedAttention(nn.Module):
                                        meta.block_tables[i], meta.context_lens[i]))
             start = end
         if start < q.shape[0]:
-            parts.append(self._decode(q[start:], cache, meta.block_tables[meta.num_prefills:], meta.decode_mask))
+            block_tables = meta.block_tables[meta.num_prefills:]
+            if self.decode_kernel is None:
+                parts.append(self._decode(q[start:], cache, block_tables, meta.decode_mask))
+            else:
+                parts.append(self.decode_kernel(q[start:], cache, block_tables, meta.decode_context_lens, self.scale))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).flatten(1)
 
     def _prefill(self, q, k, v, cache: KVCache, block_table, context_len: int) -> torch.Tensor:

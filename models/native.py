@@ -1,0 +1,81 @@
+"""The CPU decode-attention kernel (`kernels/paged_decode.c`), compiled at start for the model at hand
+with the machine's C compiler and called through ctypes.
+
+It reads keys and values in place from the block pool, where the PyTorch path first copies each
+sequence's blocks out; without a compiler that PyTorch path runs instead (slower, same results within
+float32 rounding). It runs on torch's own OpenMP threads: torch has loaded libgomp before the kernel
+is, so the kernel links to that one.
+"""
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "native")
+_SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+class PagedDecodeKernel:
+    """(q [seqs, heads, head_dim], cache, block_tables, context_lens, scale) -> [seqs, heads, head_dim]."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.paged_decode
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        if not len(q) == len(block_tables) == len(context_lens):  # the kernel would read past the end
+            raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
+        q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+        out = torch.empty_like(q)
+        status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+                           out.data_ptr(), q.shape[0], cache.shape[1], cache.shape[2], block_tables.shape[1],
+                           scale, torch.get_num_threads())
+        if status:
+            raise MemoryError("paged decode attention: out of memory for the scores")
+        return out
+
+
+def compile_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int) -> PagedDecodeKernel:
+    """Compile the kernel for these head shapes; RuntimeError when no compiler works."""
+    compiler = os.environ.get("CC") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc) found")
+    shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}"]
+    with tempfile.TemporaryDirectory(prefix="nanoserve-kernel-") as folder:
+        library = Path(folder) / "paged_decode.so"
+        command = [compiler, *_FLAGS, *shapes, str(_SOURCE), "-o", str(library), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        return PagedDecodeKernel(ctypes.CDLL(str(library)))  # loaded: the file may go
+
+
+def decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel | None:
+    """The kernel that decode attention should use, or None for the PyTorch path. `auto`: the native
+    kernel for float32 on the CPU when it compiles; `native`: that kernel or an error; `torch`: None."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    usable = device.type == "cpu" and dtype == torch.float32
+    if backend == "native" and not usable:
+        raise ValueError(f"the native attention backend runs float32 on the CPU only, not {dtype} on {device}")
+    if backend == "torch" or not usable:
+        return None
+    try:
+        return compile_paged_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    except (OSError, RuntimeError) as error:
+        if backend == "native":
+            raise
+        log.warning("decode attention runs on the slower PyTorch path: %s", error)
+        return None
