@@ -63,7 +63,8 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator
         yield model_cls.gguf_to_hf(t.name, torch.from_numpy(array), cfg)
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, attention_backend: str = "auto") -> nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
+               attention_backend: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
     attention layers the decode kernel that `attention_backend` picks (see `models.native.decode_kernel`)."""
     path = Path(path)
