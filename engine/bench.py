@@ -4,7 +4,9 @@
 
 Needs the test extra (transformers, accelerate). Prints generated tokens per second of both and
 their ratio, for a batch of requests and for a single request: the median of `--repeats` runs, ours
-and theirs alternating so that a busy machine slows both alike.
+and theirs alternating so that a busy machine slows both alike. The last column is a ceiling: the
+tokens per second that the run's matrix products alone allow on this machine (every float32 engine
+pays them), so that the ratio can be read against the best one possible.
 """
 import argparse
 import statistics
@@ -12,8 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine import LLM, SamplingParams
+from engine.runner import CPU_TOKENS_PER_FORWARD
 from models.default_model import resolve_model
 
 _TEXT = ("The history of computing is a story of people who wanted to think faster than their tools "
@@ -51,6 +55,33 @@ def run_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: i
     return len(prompts) * new_tokens / elapsed
 
 
+@torch.inference_mode()
+def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens: int) -> float:
+    """Tokens/s if the run were its matrix products alone: the layers' projections timed on one prefill
+    forward pass and one decode step, the output head on one step's rows, scaled to the whole run."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hidden = model.config.hidden_size
+
+    def seconds(work) -> float:
+        work()
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            work()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    def layers(rows: int) -> float:
+        inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+        return seconds(lambda: [m(inputs[m.in_features]) for m in linears])
+
+    prompt_tokens = requests * prompt_len
+    chunk = min(prompt_tokens, CPU_TOKENS_PER_FORWARD)
+    head = seconds(lambda: model.compute_logits(torch.randn(requests, hidden)))
+    total = (prompt_tokens / chunk * layers(chunk) + (new_tokens - 1) * layers(requests) + new_tokens * head)
+    return requests * new_tokens / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2)")
@@ -72,12 +103,14 @@ def main() -> None:
     run_transformers(hf, prompts[:2], 4, pad_id)
     print(f"model {Path(path).name}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
-    print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
+    print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}{'matmul ceiling':>16}{'ratio':>8}")
+    model = llm.engine.runner.model
     for name, batch in ((f"{args.requests} requests", prompts), ("1 request", prompts[:1])):
-        runs = [(run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id))
-                for _ in range(args.repeats)]
-        ours, theirs = (statistics.median(r[i] for r in runs) for i in (0, 1))
-        print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x", flush=True)
+        runs = [(run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id),
+                 matmul_ceiling(model, len(batch), args.prompt_len, args.new_tokens)) for _ in range(args.repeats)]
+        ours, theirs, ceiling = (statistics.median(r[i] for r in runs) for i in (0, 1, 2))
+        print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x{ceiling:>16.1f}{ceiling / theirs:>7.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

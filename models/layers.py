@@ -38,7 +38,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no new [tokens, intermediate]
 
 
 def _inv_freq(head_dim: int, theta: float | torch.Tensor) -> torch.Tensor:
