@@ -22,21 +22,24 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "native")
 _SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# -ffast-math lets the reductions and exp vectorize. It must not reach the link: gcc would then add
+# crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
+_COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
+_LINK = ["-shared", "-fopenmp"]
 
 
 class PagedDecodeKernel:
     """(q [seqs, heads, head_dim], cache, block_tables, context_lens, scale) -> [seqs, heads, head_dim]."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self._run = library.paged_decode
         self._run.restype = ctypes.c_int
         self._run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        if not len(q) == len(block_tables) == len(context_lens):  # the kernel would read past the end
-            raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
+        self._check(q, cache, block_tables, context_lens)
         q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
         out = torch.empty_like(q)
         status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
@@ -46,6 +49,16 @@ class PagedDecodeKernel:
             raise MemoryError("paged decode attention: out of memory for the scores")
         return out
 
+    def _check(self, q, cache, block_tables, context_lens) -> None:
+        """The kernel trusts shapes and types blindly (a mismatch reads or writes out of bounds): check them."""
+        if not len(q) == len(block_tables) == len(context_lens):
+            raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
+        shapes = (q.shape[1:], cache.shape[3:]), ((self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim))
+        types = (q.dtype, cache.dtype, block_tables.dtype, context_lens.dtype)
+        if shapes[0] != shapes[1] or types != (torch.float32, torch.float32, torch.int64, torch.int64) \
+                or not cache.is_contiguous() or q.device.type != "cpu":
+            raise ValueError(f"the kernel was compiled for {shapes[1]} float32 on the CPU, got {shapes[0]} {types}")
+
 
 def compile_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int) -> PagedDecodeKernel:
     """Compile the kernel for these head shapes; RuntimeError when no compiler works."""
@@ -54,12 +67,14 @@ def compile_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int) -> Pa
         raise RuntimeError("no C compiler (gcc) found")
     shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}"]
     with tempfile.TemporaryDirectory(prefix="nanoserve-kernel-") as folder:
-        library = Path(folder) / "paged_decode.so"
-        command = [compiler, *_FLAGS, *shapes, str(_SOURCE), "-o", str(library), "-lm"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
-        return PagedDecodeKernel(ctypes.CDLL(str(library)))  # loaded: the file may go
+        objects, library = Path(folder) / "paged_decode.o", Path(folder) / "paged_decode.so"
+        for command in ([compiler, *_COMPILE, *shapes, str(_SOURCE), "-o", str(objects)],
+                        [compiler, *_LINK, str(objects), "-o", str(library), "-lm"]):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
+        return PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim)
 
 
 def decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel | None:

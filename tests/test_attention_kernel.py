@@ -47,6 +47,17 @@ def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
     torch.testing.assert_close(kernel(wide, cache, tables[1:], lens[1:], reference.scale), expected[1:])
     with pytest.raises(ValueError, match="6 queries, 5 block tables and 5 lengths"):
         kernel(q, cache, tables[1:], lens[1:], reference.scale)
+    with pytest.raises(ValueError, match="compiled for"):
+        kernel(q.double(), cache.double(), tables, lens, reference.scale)
+    with pytest.raises(ValueError, match="compiled for"):
+        kernel(q, cache, tables.int(), lens, reference.scale)
+
+
+def test_loading_the_kernel_keeps_subnormal_floats():
+    """Built with -ffast-math, the library must not switch the process to flush-to-zero (gcc's crtfastmath)."""
+    compile_paged_decode(4, 2, 16)
+    assert 5e-324 + 0.0 > 0
+    assert (torch.tensor([1e-40]) * 1).item() > 0
 
 
 def test_backend_choice(monkeypatch, caplog):
