@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -88,7 +89,10 @@ def decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: to
     if backend == "torch" or not usable:
         return None
     try:
-        return compile_paged_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        start = time.perf_counter()
+        kernel = compile_paged_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        log.info("decode attention: native CPU kernel (compiled in %.1f s)", time.perf_counter() - start)
+        return kernel
     except (OSError, RuntimeError) as error:
         if backend == "native":
             raise
