@@ -59,7 +59,7 @@ def run_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: i
 def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens: int) -> float:
     """Tokens/s if the run were its matrix products alone: the layers' projections timed on one prefill
     forward pass and one decode step, the output head on one step's rows, scaled to the whole run."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.model.modules() if isinstance(m, nn.Linear)]  # the decoder's, not the head
     hidden = model.config.hidden_size
 
     def seconds(work) -> float:
@@ -103,13 +103,14 @@ def main() -> None:
     run_transformers(hf, prompts[:2], 4, pad_id)
     print(f"model {Path(path).name}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
-    print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}{'matmul ceiling':>16}{'ratio':>8}")
+    print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}"
+          f"{'matmul ceiling':>16}{'its ratio':>10}")
     model = llm.engine.runner.model
     for name, batch in ((f"{args.requests} requests", prompts), ("1 request", prompts[:1])):
         runs = [(run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id),
                  matmul_ceiling(model, len(batch), args.prompt_len, args.new_tokens)) for _ in range(args.repeats)]
         ours, theirs, ceiling = (statistics.median(r[i] for r in runs) for i in (0, 1, 2))
-        print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x{ceiling:>16.1f}{ceiling / theirs:>7.2f}x",
+        print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x{ceiling:>16.1f}{ceiling / theirs:>9.2f}x",
               flush=True)
 
 

@@ -4,11 +4,14 @@ with the machine's C compiler and called through ctypes.
 It reads keys and values in place from the block pool, where the PyTorch path first copies each
 sequence's blocks out; without a compiler that PyTorch path runs instead (slower, same results within
 float32 rounding). It runs on torch's own OpenMP threads: torch has loaded libgomp before the kernel
-is, so the kernel links to that one.
+is, so the kernel binds to that one (checked: with a second OpenMP runtime the two thread pools would
+fight over the cores, and the PyTorch path is used instead).
 """
 import ctypes
 import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +32,12 @@ _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK = ["-shared", "-fopenmp"]
 
 
+# The kernel's return codes (enum in paged_decode.c).
+_FAILURES = {1: MemoryError("paged decode attention: out of memory for the scores"),
+             2: ValueError("paged decode attention: a context length outside 1 .. the block table's capacity"),
+             3: ValueError("paged decode attention: a block id outside the KV cache")}
+
+
 class PagedDecodeKernel:
     """(q [seqs, heads, head_dim], cache, block_tables, context_lens, scale) -> [seqs, heads, head_dim]."""
 
@@ -47,38 +56,58 @@ class PagedDecodeKernel:
                            out.data_ptr(), q.shape[0], cache.shape[1], cache.shape[2], block_tables.shape[1],
                            scale, torch.get_num_threads())
         if status:
-            raise MemoryError("paged decode attention: out of memory for the scores")
+            raise _FAILURES[status]
         return out
 
     def _check(self, q, cache, block_tables, context_lens) -> None:
-        """The kernel trusts shapes and types blindly (a mismatch reads or writes out of bounds): check them."""
+        """The kernel trusts the layout it was compiled for (a mismatch reads or writes out of bounds): check it.
+        Lengths and block ids are checked by the kernel itself."""
         if not len(q) == len(block_tables) == len(context_lens):
             raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
-        shapes = (q.shape[1:], cache.shape[3:]), ((self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim))
-        types = (q.dtype, cache.dtype, block_tables.dtype, context_lens.dtype)
-        if shapes[0] != shapes[1] or types != (torch.float32, torch.float32, torch.int64, torch.int64) \
-                or not cache.is_contiguous() or q.device.type != "cpu":
-            raise ValueError(f"the kernel was compiled for {shapes[1]} float32 on the CPU, got {shapes[0]} {types}")
+        expected = ((self.num_heads, self.head_dim), (2, self.num_kv_heads, self.head_dim))
+        got = (tuple(q.shape[1:]), (cache.shape[0], *cache.shape[3:])) if cache.dim() == 5 else (q.shape, cache.shape)
+        tensors = (q, cache, block_tables, context_lens)
+        types = tuple(t.dtype for t in tensors)
+        if got != expected or types != (torch.float32, torch.float32, torch.int64, torch.int64) \
+                or any(t.device.type != "cpu" for t in tensors) or not cache.is_contiguous():
+            raise ValueError(f"the kernel runs float32 on the CPU on a contiguous cache, compiled for query heads "
+                             f"and cache {expected}; got {got}, {types}, cache contiguous: {cache.is_contiguous()}")
 
 
 def compile_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int) -> PagedDecodeKernel:
     """Compile the kernel for these head shapes; RuntimeError when no compiler works."""
-    compiler = os.environ.get("CC") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("gcc")]
+    if compiler[0] is None:
         raise RuntimeError("no C compiler (gcc) found")
     shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}"]
     with tempfile.TemporaryDirectory(prefix="nanoserve-kernel-") as folder:
         objects, library = Path(folder) / "paged_decode.o", Path(folder) / "paged_decode.so"
-        for command in ([compiler, *_COMPILE, *shapes, str(_SOURCE), "-o", str(objects)],
-                        [compiler, *_LINK, str(objects), "-o", str(library), "-lm"]):
-            result = subprocess.run(command, capture_output=True, text=True)
+        for command in ([*compiler, *_COMPILE, *shapes, str(_SOURCE), "-o", str(objects)],
+                        [*compiler, *_LINK, str(objects), "-o", str(library), "-lm"]):
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired as error:
+                raise RuntimeError(f"{' '.join(command)} took over {error.timeout} s") from error
             if result.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        before = _openmp_runtimes()
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
-        return PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim)
+    if added := _openmp_runtimes() - before:
+        raise RuntimeError(f"the kernel brought its own OpenMP runtime rather than torch's: {sorted(added)}")
+    return PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim)
 
 
-def decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel | None:
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP libraries mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return set(re.findall(r"\S*/lib(?:gomp|iomp5|omp)[-.\w]*\.so[.\d]*$", maps, re.MULTILINE))
+
+
+def pick_decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype,
+                       device: torch.device) -> PagedDecodeKernel | None:
     """The kernel that decode attention should use, or None for the PyTorch path. `auto`: the native
     kernel for float32 on the CPU when it compiles; `native`: that kernel or an error; `torch`: None."""
     if backend not in BACKENDS:

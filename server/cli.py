@@ -11,6 +11,7 @@ from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from models.default_model import DEFAULT_MODEL
+from models.native import BACKENDS
 from server.app import build_app
 from server.chat import choose_template
 from server.config import ServerConfig
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "native"],
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
                    help="native: decode attention in a C kernel compiled at start (float32 on the CPU; "
                         "auto uses it there when gcc is found); torch: PyTorch operations only")
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")

@@ -1,13 +1,19 @@
 """The native CPU decode-attention kernel against the PyTorch path it replaces."""
 import logging
+import os
+import shutil
 
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from models.attention import AttentionMetadata, PagedAttention
-from models.native import compile_paged_decode, decode_kernel
+from models import native
+from models.native import compile_paged_decode, pick_decode_kernel
 from tests.conftest import CHAT_QUESTIONS, chat_prompt
+
+# Without a compiler the server runs the PyTorch path; these tests need the kernel.
+pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc")), reason="no C compiler")
 
 
 def paged_case(heads: int, kv_heads: int, head_dim: int, block_size: int, lengths: list[int]):
@@ -31,6 +37,7 @@ def paged_case(heads: int, kv_heads: int, head_dim: int, block_size: int, length
     (4, 4, 32, 1),  # no grouping, one token per block
     (8, 2, 128, 16),
     (6, 1, 48, 32),  # multi-query, a head size that is no power of two
+    (64, 8, 128, 16),  # a 70B model's heads: the per-thread arrays are largest
 ])
 def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
     lengths = [1, 2, block_size, block_size + 1, 37, 300]
@@ -51,13 +58,60 @@ def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
         kernel(q.double(), cache.double(), tables, lens, reference.scale)
     with pytest.raises(ValueError, match="compiled for"):
         kernel(q, cache, tables.int(), lens, reference.scale)
+    with pytest.raises(ValueError, match="compiled for"):
+        kernel(q, cache[:1], tables, lens, reference.scale)
+
+
+def test_kernel_refuses_lengths_and_blocks_outside_the_tables():
+    q, cache, tables, lens = paged_case(4, 2, 16, 4, [3, 9])
+    kernel = compile_paged_decode(4, 2, 16)
+    for bad_lens in ([3, 0], [3, -1], [3, tables.shape[1] * 4 + 1]):
+        with pytest.raises(ValueError, match="context length"):
+            kernel(q, cache, tables, torch.tensor(bad_lens), 0.25)
+    for bad_block in (-1, cache.shape[1]):
+        bad = tables.clone()
+        bad[1, 1] = bad_block
+        with pytest.raises(ValueError, match="block id"):
+            kernel(q, cache, bad, lens, 0.25)
+    bad = tables.clone()
+    bad[0, -1] = -1  # padding past the sequence's blocks is never read
+    torch.testing.assert_close(kernel(q, cache, bad, lens, 0.25), kernel(q, cache, tables, lens, 0.25))
+
+
+def test_forward_with_prefills_and_decodes_in_one_batch():
+    """PagedAttention.forward hands the kernel only the decoding sequences' rows, after writing the new K/V."""
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 4
+    lengths = [5, 1, 7, 12]  # tokens per sequence this step: two prefills, then two decodes
+    context = [5, 1, 20, 33]
+    q, cache, tables, _ = paged_case(heads, kv_heads, head_dim, block_size, context)
+    generator = torch.Generator().manual_seed(1)
+    tokens = sum(lengths[:2]) + 2
+    new = [torch.randn(tokens, h, head_dim, generator=generator) for h in (heads, kv_heads, kv_heads)]
+    slots = [tables[i, p // block_size] * block_size + p % block_size
+             for i, (n, c) in enumerate(zip(lengths[:2] + [1, 1], context)) for p in range(c - n, c)]
+    meta = AttentionMetadata(query_lens=lengths[:2] + [1, 1], context_lens=context, num_prefills=2,
+                             slot_mapping=torch.tensor(slots), block_tables=tables,
+                             decode_context_lens=torch.tensor(context[2:]))
+    layer = PagedAttention(heads, kv_heads, head_dim)
+    expected = layer(*new, cache.clone(), meta)
+    layer.decode_kernel = compile_paged_decode(heads, kv_heads, head_dim)
+    torch.testing.assert_close(layer(*new, cache.clone(), meta), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_loading_the_kernel_keeps_subnormal_floats():
     """Built with -ffast-math, the library must not switch the process to flush-to-zero (gcc's crtfastmath)."""
     compile_paged_decode(4, 2, 16)
-    assert 5e-324 + 0.0 > 0
+    tiny = float.fromhex("0x0.0000000000001p-1022")  # the smallest subnormal double
+    assert tiny + tiny > 0
     assert (torch.tensor([1e-40]) * 1).item() > 0
+
+
+def test_a_second_openmp_runtime_means_no_kernel(monkeypatch):
+    assert any("gomp" in path for path in native._openmp_runtimes())  # torch's own is seen
+    seen = iter([set(), {"/usr/lib/x86_64-linux-gnu/libgomp.so.1"}])  # before and after loading the kernel
+    monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(seen))
+    with pytest.raises(RuntimeError, match="its own OpenMP runtime"):
+        compile_paged_decode(4, 2, 16)
 
 
 def test_backend_choice(monkeypatch, caplog):
@@ -66,20 +120,20 @@ def test_backend_choice(monkeypatch, caplog):
                           "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128,
                           "vocab_size": 100})
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert decode_kernel("torch", cfg, f32, cpu) is None
-    assert decode_kernel("auto", cfg, torch.bfloat16, cpu) is None  # the kernel is float32 only
-    assert decode_kernel("auto", cfg, f32, torch.device("cuda")) is None
-    assert decode_kernel("auto", cfg, f32, cpu) is not None
+    assert pick_decode_kernel("torch", cfg, f32, cpu) is None
+    assert pick_decode_kernel("auto", cfg, torch.bfloat16, cpu) is None  # the kernel is float32 only
+    assert pick_decode_kernel("auto", cfg, f32, torch.device("cuda")) is None
+    assert pick_decode_kernel("auto", cfg, f32, cpu) is not None
     with pytest.raises(ValueError, match="float32 on the CPU only"):
-        decode_kernel("native", cfg, torch.float16, cpu)
+        pick_decode_kernel("native", cfg, torch.float16, cpu)
     with pytest.raises(ValueError, match="one of"):
-        decode_kernel("flash", cfg, f32, cpu)
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        pick_decode_kernel("flash", cfg, f32, cpu)
+    monkeypatch.setenv("CC", "env false")  # a compiler command (of two words) that always fails
     with caplog.at_level(logging.WARNING):
-        assert decode_kernel("auto", cfg, f32, cpu) is None
+        assert pick_decode_kernel("auto", cfg, f32, cpu) is None
     assert "slower PyTorch path" in caplog.text
     with pytest.raises(RuntimeError, match="failed"):
-        decode_kernel("native", cfg, f32, cpu)
+        pick_decode_kernel("native", cfg, f32, cpu)
 
 
 def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm):

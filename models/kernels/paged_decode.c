@@ -9,26 +9,40 @@
 #define HEADS (KV_HEADS * GROUP)
 #define TOKEN_STRIDE (KV_HEADS * HEAD_DIM)
 
+enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK };
+
+/* What would make one sequence read out of bounds, checked before any read. */
+static int sequence_problem(int64_t len, const int64_t *table, int64_t table_width, int64_t block_size,
+                            int64_t num_blocks) {
+    if (len < 1 || len > table_width * block_size) return BAD_LENGTH;
+    for (int64_t b = 0; b < (len + block_size - 1) / block_size; b++)
+        if (table[b] < 0 || table[b] >= num_blocks) return BAD_BLOCK;
+    return OK;
+}
+
 static const float *cached_token(const float *pool, const int64_t *table, int64_t t, int64_t block_size) {
     return pool + (table[t / block_size] * block_size + t % block_size) * TOKEN_STRIDE;
 }
 
 /* q, out: [seqs, HEADS, HEAD_DIM]; cache: [2, num_blocks, block_size, KV_HEADS, HEAD_DIM] (keys, then values);
-   block_tables: [seqs, table_width]; context_lens: [seqs]. Returns 0, or -1 when memory ran out. */
+   block_tables: [seqs, table_width]; context_lens: [seqs]. Returns OK, or the worst problem of any sequence
+   (whose output is then left unwritten). Inputs must be finite: -ffast-math assumes no inf or NaN. */
 int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *context_lens,
                  float *out, int64_t seqs, int64_t num_blocks, int64_t block_size, int64_t table_width,
                  float scale, int num_threads) {
     const float *keys = cache, *values = cache + num_blocks * block_size * TOKEN_STRIDE;
-    int failed = 0;
-    #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+    int failure = OK;
+    #pragma omp parallel for schedule(dynamic) num_threads(num_threads) reduction(max:failure)
     for (int64_t s = 0; s < seqs; s++) {
         const int64_t len = context_lens[s], *table = block_tables + s * table_width;
-        const float *qs = q + s * HEADS * HEAD_DIM;
-        float *scores = malloc(sizeof(float) * len * HEADS);  /* [HEADS, len] */
+        int problem = sequence_problem(len, table, table_width, block_size, num_blocks);
+        float *scores = problem ? NULL : malloc(sizeof(float) * len * HEADS);  /* [HEADS, len] */
         if (scores == NULL) {
-            failed = 1;
+            problem = problem ? problem : OUT_OF_MEMORY;
+            failure = problem > failure ? problem : failure;
             continue;
         }
+        const float *qs = q + s * HEADS * HEAD_DIM;
         for (int64_t t = 0; t < len; t++) {
             const float *k = cached_token(keys, table, t, block_size);
             for (int h = 0; h < HEADS; h++) {
@@ -57,5 +71,5 @@ int paged_decode(const float *q, const float *cache, const int64_t *block_tables
         for (int i = 0; i < HEADS * HEAD_DIM; i++) out[s * HEADS * HEAD_DIM + i] = acc[i] / total[i / HEAD_DIM];
         free(scores);
     }
-    return failed ? -1 : 0;
+    return failure;
 }
