@@ -46,7 +46,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
-        candidates, self.running = list(self.running), []
+        # The new running list is built aside and swapped in at the end: metrics read it from another
+        # thread and must never see a transient empty batch.
+        candidates, running = list(self.running), []
         preempted = False
         while candidates:
             seq = candidates.pop(0)
@@ -58,10 +60,10 @@ class Scheduler:
                     break
                 self._preempt(candidates.pop())
             else:
-                self.running.append(seq)
+                running.append(seq)
                 scheduled.append((seq, new_tokens))
                 budget -= new_tokens
-        while self.waiting and not preempted and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and not preempted and len(running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             new_tokens = seq.num_tokens - seq.num_computed_tokens
             if new_tokens > budget or not self._reserve(seq, new_tokens):
@@ -69,9 +71,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.first_scheduled_time = seq.first_scheduled_time or time.time()
-            self.running.append(seq)
+            running.append(seq)
             scheduled.append((seq, new_tokens))
             budget -= new_tokens
+        self.running = running
         scheduled.sort(key=lambda item: item[1] == 1)  # prefills first, as attention expects
         return ScheduledBatch([s for s, _ in scheduled], [n for _, n in scheduled])
 

@@ -84,3 +84,18 @@ def test_seeded_sampling_is_reproducible_in_any_batch(llm):
     assert batch[1].outputs[0].token_ids == alone
     other = llm.generate(prompt, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16))
     assert other[0].outputs[0].token_ids != alone
+
+
+def test_the_running_batch_is_never_seen_empty_while_scheduling(small, monkeypatch):
+    """Metrics read `scheduler.running` from another thread: a step must not empty it on the way."""
+    engine = small.engine
+    for start in (100, 200):
+        engine.add_request(list(range(start, start + 5)), SamplingParams(temperature=0, max_tokens=4))
+    engine.step()
+    seen, reserve = [], engine.scheduler._reserve
+    monkeypatch.setattr(engine.scheduler, "_reserve",
+                        lambda *args: seen.append(len(engine.scheduler.running)) or reserve(*args))
+    engine.step()
+    assert seen == [2, 2]
+    while engine.has_unfinished_requests():
+        engine.step()
