@@ -30,12 +30,11 @@ _SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
 # crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK = ["-shared", "-fopenmp"]
-
-
-# The kernel's return codes (enum in paged_decode.c).
-_FAILURES = {1: MemoryError("paged decode attention: out of memory for the scores"),
-             2: ValueError("paged decode attention: a context length outside 1 .. the block table's capacity"),
-             3: ValueError("paged decode attention: a block id outside the KV cache")}
+# The kernel's return codes (enum in paged_decode.c): a fresh exception each time, so that tracebacks
+# do not pile up on one shared instance.
+_FAILURES = {1: (MemoryError, "paged decode attention: out of memory for the scores"),
+             2: (ValueError, "paged decode attention: a context length outside 1 .. the block table's capacity"),
+             3: (ValueError, "paged decode attention: a block id outside the KV cache")}
 
 
 class PagedDecodeKernel:
@@ -56,7 +55,8 @@ class PagedDecodeKernel:
                            out.data_ptr(), q.shape[0], cache.shape[1], cache.shape[2], block_tables.shape[1],
                            scale, torch.get_num_threads())
         if status:
-            raise _FAILURES[status]
+            kind, message = _FAILURES[status]
+            raise kind(message)
         return out
 
     def _check(self, q, cache, block_tables, context_lens) -> None:
