@@ -7,7 +7,7 @@ class EngineConfig:
     model: str | None = None  # checkpoint folder, .gguf file, or None for the default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto | torch | native (the compiled CPU decode kernel; see models/native.py)
+    kernel_backend: str = "auto"  # auto | torch | native (the compiled CPU kernels; see models/native.py)
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory (after loading) for the KV cache

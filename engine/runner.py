@@ -37,7 +37,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype)
         self.block_size = config.block_size
         self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
-        self.model = load_model(model_path, self.dtype, self.device, config.attention_backend)
+        self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
         if self.num_blocks < 1:
             raise ValueError("the KV cache holds no block: give it more memory")
@@ -59,8 +59,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of the last new token of each scheduled sequence, in batch order: [seqs, vocab]."""
-        groups = self._split(batch.num_new_tokens)
-        return torch.cat([self._forward(batch.seqs[a:b], batch.num_new_tokens[a:b]) for a, b in groups])
+        counts = batch.num_new_tokens
+        logits = [self._forward(batch.seqs[a:b], counts[a:b]) for a, b in self._split(counts)]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)  # a decode step: no copy of [seqs, vocab]
 
     def _split(self, counts: list[int]) -> list[tuple[int, int]]:
         """Consecutive groups of whole sequences with at most `tokens_per_forward` tokens (or one sequence)."""

@@ -24,7 +24,7 @@ class Sampler:
         for row, request in enumerate(requests):
             if request.banned_token_ids:
                 logits[row, request.banned_token_ids] = float("-inf")
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.max(dim=-1).indices  # argmax, the first of ties alike; max's CPU kernel is faster
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)

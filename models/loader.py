@@ -11,7 +11,8 @@ from torch import nn
 from models.attention import PagedAttention
 from models.config import ModelConfig, config_from_gguf, config_from_hf
 from models.gguf_file import open_gguf
-from models.native import pick_decode_kernel
+from models.layers import RMSNorm
+from models.native import pick_kernels
 from models.registry import model_class
 
 _GGUF_FILE_DTYPES = {gguf.LlamaFileType.MOSTLY_F16: torch.float16, gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
@@ -64,9 +65,9 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
-               attention_backend: str = "auto") -> nn.Module:
+               kernel_backend: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
-    attention layers the decode kernel that `attention_backend` picks (see `models.native.pick_decode_kernel`)."""
+    attention and RMSNorm layers the native kernels that `kernel_backend` picks (see `models.native.pick_kernels`)."""
     path = Path(path)
     if path.suffix == ".gguf":
         reader = open_gguf(path)
@@ -81,8 +82,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
         model = cls(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.load_weights(weights)
-    kernel = pick_decode_kernel(attention_backend, cfg, dtype, device)
+    kernels = pick_kernels(kernel_backend, cfg, dtype, device)
     for module in model.modules():
         if isinstance(module, PagedAttention):
-            module.decode_kernel = kernel
+            module.decode_kernel = None if kernels is None else kernels.paged_decode
+        elif isinstance(module, RMSNorm):
+            module.kernel = None if kernels is None else kernels.rms_norm
     return model.eval().requires_grad_(False)

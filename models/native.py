@@ -1,11 +1,14 @@
-"""The CPU decode-attention kernel (`kernels/paged_decode.c`), compiled at start for the model at hand
-with the machine's C compiler and called through ctypes.
+"""Native CPU kernels (`kernels/*.c`), compiled at start for the model at hand with the machine's C
+compiler into one library and called through ctypes:
 
-It reads keys and values in place from the block pool, where the PyTorch path first copies each
-sequence's blocks out; without a compiler that PyTorch path runs instead (slower, same results within
-float32 rounding). It runs on torch's own OpenMP threads: torch has loaded libgomp before the kernel
-is, so the kernel binds to that one (checked: with a second OpenMP runtime the two thread pools would
-fight over the cores, and the PyTorch path is used instead).
+- decode attention (`paged_decode.c`) reads keys and values in place from the block pool, where the
+  PyTorch path first copies each sequence's blocks out;
+- RMSNorm (`rms_norm.c`) in one pass, where PyTorch runs six operations.
+
+Without a compiler the PyTorch path runs instead (slower, same results within float32 rounding). The
+kernels run on torch's own OpenMP threads: torch has loaded libgomp before the library is, so it binds
+to that one (checked: with a second OpenMP runtime the two thread pools would fight over the cores, and
+the PyTorch path is used instead).
 """
 import ctypes
 import logging
@@ -16,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +29,7 @@ from models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "native")
-_SOURCE = Path(__file__).parent / "kernels" / "paged_decode.c"
+_SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.c"))
 # -ffast-math lets the reductions and exp vectorize. It must not reach the link: gcc would then add
 # crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
@@ -74,27 +78,60 @@ class PagedDecodeKernel:
                              f"and cache {expected}; got {got}, {types}, cache contiguous: {cache.is_contiguous()}")
 
 
-def compile_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int) -> PagedDecodeKernel:
-    """Compile the kernel for these head shapes; RuntimeError when no compiler works."""
+class RMSNormKernel:
+    """(x [..., dim], weight [dim], eps) -> RMSNorm of x, as F.rms_norm."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.rms_norm
+        self._run.restype = None
+        self._run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
+                or weight.device.type != "cpu" or weight.dim() != 1 or not x.shape[-1] == weight.shape[0] > 0:
+            raise ValueError(f"the RMSNorm kernel runs float32 on the CPU with a weight of the last dimension's "
+                             f"size; got x {tuple(x.shape)} {x.dtype} on {x.device}, weight {tuple(weight.shape)} "
+                             f"{weight.dtype} on {weight.device}")
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        dim = weight.shape[0]
+        self._run(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
+                  torch.get_num_threads())
+        return out
+
+
+@dataclass
+class NativeKernels:
+    paged_decode: PagedDecodeKernel
+    rms_norm: RMSNormKernel
+
+
+def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeKernels:
+    """Compile the kernels for these head shapes into one library; RuntimeError when no compiler works."""
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("gcc")]
     if compiler[0] is None:
         raise RuntimeError("no C compiler (gcc) found")
     shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}"]
-    with tempfile.TemporaryDirectory(prefix="nanoserve-kernel-") as folder:
-        objects, library = Path(folder) / "paged_decode.o", Path(folder) / "paged_decode.so"
-        for command in ([*compiler, *_COMPILE, *shapes, str(_SOURCE), "-o", str(objects)],
-                        [*compiler, *_LINK, str(objects), "-o", str(library), "-lm"]):
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            except subprocess.TimeoutExpired as error:
-                raise RuntimeError(f"{' '.join(command)} took over {error.timeout} s") from error
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(prefix="nanoserve-kernels-") as folder:
+        objects = [str(Path(folder) / f"{source.stem}.o") for source in _SOURCES]
+        library = Path(folder) / "kernels.so"
+        commands = [[*compiler, *_COMPILE, *shapes, str(source), "-o", obj] for source, obj in zip(_SOURCES, objects)]
+        for command in commands + [[*compiler, *_LINK, *objects, "-o", str(library), "-lm"]]:
+            _run_compiler(command)
         before = _openmp_runtimes()
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
     if added := _openmp_runtimes() - before:
-        raise RuntimeError(f"the kernel brought its own OpenMP runtime rather than torch's: {sorted(added)}")
-    return PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim)
+        raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
+    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded))
+
+
+def _run_compiler(command: list[str]) -> None:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"{' '.join(command)} took over {error.timeout} s") from error
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
 
 
 def _openmp_runtimes() -> set[str]:
@@ -106,24 +143,23 @@ def _openmp_runtimes() -> set[str]:
     return set(re.findall(r"\S*/lib(?:gomp|iomp5|omp)[-.\w]*\.so[.\d]*$", maps, re.MULTILINE))
 
 
-def pick_decode_kernel(backend: str, cfg: ModelConfig, dtype: torch.dtype,
-                       device: torch.device) -> PagedDecodeKernel | None:
-    """The kernel that decode attention should use, or None for the PyTorch path. `auto`: the native
-    kernel for float32 on the CPU when it compiles; `native`: that kernel or an error; `torch`: None."""
+def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> NativeKernels | None:
+    """The native kernels the model should use, or None for the PyTorch path. `auto`: the native kernels
+    for float32 on the CPU when they compile; `native`: those or an error; `torch`: None."""
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     usable = device.type == "cpu" and dtype == torch.float32
     if backend == "native" and not usable:
-        raise ValueError(f"the native attention backend runs float32 on the CPU only, not {dtype} on {device}")
+        raise ValueError(f"the native kernel backend runs float32 on the CPU only, not {dtype} on {device}")
     if backend == "torch" or not usable:
         return None
     try:
         start = time.perf_counter()
-        kernel = compile_paged_decode(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        log.info("decode attention: native CPU kernel (compiled in %.1f s)", time.perf_counter() - start)
-        return kernel
+        kernels = compile_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        log.info("decode attention and RMSNorm: native CPU kernels (compiled in %.1f s)", time.perf_counter() - start)
+        return kernels
     except (OSError, RuntimeError) as error:
         if backend == "native":
             raise
-        log.warning("decode attention runs on the slower PyTorch path: %s", error)
+        log.warning("decode attention and RMSNorm run on the slower PyTorch path: %s", error)
         return None

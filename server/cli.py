@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
-                   help="native: decode attention in a C kernel compiled at start (float32 on the CPU; "
-                        "auto uses it there when gcc is found); torch: PyTorch operations only")
+    p.add_argument("--kernel-backend", default="auto", choices=BACKENDS,
+                   help="native: decode attention and RMSNorm in C kernels compiled at start (float32 on the "
+                        "CPU; auto uses them there when gcc is found); torch: PyTorch operations only")
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU memory free after loading that the KV cache takes")
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+        model=args.model, dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
         block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

@@ -1,18 +1,19 @@
-"""The native CPU decode-attention kernel against the PyTorch path it replaces."""
+"""The native CPU kernels (decode attention, RMSNorm) against the PyTorch paths they replace."""
 import logging
 import os
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from models.attention import AttentionMetadata, PagedAttention
 from models import native
-from models.native import compile_paged_decode, pick_decode_kernel
+from models.native import compile_kernels, pick_kernels
 from tests.conftest import CHAT_QUESTIONS, chat_prompt
 
-# Without a compiler the server runs the PyTorch path; these tests need the kernel.
+# Without a compiler the server runs the PyTorch path; these tests need the kernels.
 pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc")), reason="no C compiler")
 
 
@@ -47,7 +48,7 @@ def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
                              slot_mapping=torch.zeros(len(lengths), dtype=torch.long), block_tables=tables,
                              decode_context_lens=lens)
     expected = reference._decode(q, cache, tables, meta.decode_mask)
-    kernel = compile_paged_decode(heads, kv_heads, head_dim)
+    kernel = compile_kernels(heads, kv_heads, head_dim).paged_decode
     torch.testing.assert_close(kernel(q, cache, tables, lens, reference.scale), expected, rtol=1e-5, atol=1e-5)
     # A non-contiguous query (as the model's split makes it) and a slice of the block tables read right.
     wide = torch.cat([q, q], dim=-1)[1:, :, :head_dim]
@@ -64,7 +65,7 @@ def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
 
 def test_kernel_refuses_lengths_and_blocks_outside_the_tables():
     q, cache, tables, lens = paged_case(4, 2, 16, 4, [3, 9])
-    kernel = compile_paged_decode(4, 2, 16)
+    kernel = compile_kernels(4, 2, 16).paged_decode
     for bad_lens in ([3, 0], [3, -1], [3, tables.shape[1] * 4 + 1]):
         with pytest.raises(ValueError, match="context length"):
             kernel(q, cache, tables, torch.tensor(bad_lens), 0.25)
@@ -94,24 +95,40 @@ def test_forward_with_prefills_and_decodes_in_one_batch():
                              decode_context_lens=torch.tensor(context[2:]))
     layer = PagedAttention(heads, kv_heads, head_dim)
     expected = layer(*new, cache.clone(), meta)
-    layer.decode_kernel = compile_paged_decode(heads, kv_heads, head_dim)
+    layer.decode_kernel = compile_kernels(heads, kv_heads, head_dim).paged_decode
     torch.testing.assert_close(layer(*new, cache.clone(), meta), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_loading_the_kernel_keeps_subnormal_floats():
+@pytest.mark.parametrize("shape", [(1, 576), (64, 576), (3, 5, 13), (0, 64), (3000, 96)])  # the last runs threaded
+def test_rms_norm_kernel_matches_pytorch(shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=generator) * 4
+    weight = torch.randn(shape[-1], generator=generator)
+    kernel = compile_kernels(4, 2, 16).rms_norm
+    expected = F.rms_norm(x, weight.shape, weight, 1e-5)
+    torch.testing.assert_close(kernel(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-5)
+    if x.dim() == 2 and len(x):  # a column slice of a wider tensor, as a fused projection's output is
+        wide = torch.cat([x, x], dim=-1)[:, shape[-1]:]
+        torch.testing.assert_close(kernel(wide, weight, 1e-5), expected, rtol=1e-5, atol=1e-5)
+    for bad_x, bad_weight in ((x.double(), weight), (x, weight.double()), (x, weight[1:]), (x, weight[None])):
+        with pytest.raises(ValueError, match="RMSNorm kernel runs float32"):
+            kernel(bad_x, bad_weight, 1e-5)
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
     """Built with -ffast-math, the library must not switch the process to flush-to-zero (gcc's crtfastmath)."""
-    compile_paged_decode(4, 2, 16)
+    compile_kernels(4, 2, 16)
     tiny = float.fromhex("0x0.0000000000001p-1022")  # the smallest subnormal double
     assert tiny + tiny > 0
     assert (torch.tensor([1e-40]) * 1).item() > 0
 
 
-def test_a_second_openmp_runtime_means_no_kernel(monkeypatch):
+def test_a_second_openmp_runtime_means_no_kernels(monkeypatch):
     assert any("gomp" in path for path in native._openmp_runtimes())  # torch's own is seen
-    seen = iter([set(), {"/usr/lib/x86_64-linux-gnu/libgomp.so.1"}])  # before and after loading the kernel
+    seen = iter([set(), {"/usr/lib/x86_64-linux-gnu/libgomp.so.1"}])  # before and after loading the kernels
     monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(seen))
-    with pytest.raises(RuntimeError, match="its own OpenMP runtime"):
-        compile_paged_decode(4, 2, 16)
+    with pytest.raises(RuntimeError, match="their own OpenMP runtime"):
+        compile_kernels(4, 2, 16)
 
 
 def test_backend_choice(monkeypatch, caplog):
@@ -120,28 +137,30 @@ def test_backend_choice(monkeypatch, caplog):
                           "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128,
                           "vocab_size": 100})
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert pick_decode_kernel("torch", cfg, f32, cpu) is None
-    assert pick_decode_kernel("auto", cfg, torch.bfloat16, cpu) is None  # the kernel is float32 only
-    assert pick_decode_kernel("auto", cfg, f32, torch.device("cuda")) is None
-    assert pick_decode_kernel("auto", cfg, f32, cpu) is not None
+    assert pick_kernels("torch", cfg, f32, cpu) is None
+    assert pick_kernels("auto", cfg, torch.bfloat16, cpu) is None  # the kernels are float32 only
+    assert pick_kernels("auto", cfg, f32, torch.device("cuda")) is None
+    assert pick_kernels("auto", cfg, f32, cpu) is not None
     with pytest.raises(ValueError, match="float32 on the CPU only"):
-        pick_decode_kernel("native", cfg, torch.float16, cpu)
+        pick_kernels("native", cfg, torch.float16, cpu)
     with pytest.raises(ValueError, match="one of"):
-        pick_decode_kernel("flash", cfg, f32, cpu)
+        pick_kernels("flash", cfg, f32, cpu)
     monkeypatch.setenv("CC", "env false")  # a compiler command (of two words) that always fails
     with caplog.at_level(logging.WARNING):
-        assert pick_decode_kernel("auto", cfg, f32, cpu) is None
+        assert pick_kernels("auto", cfg, f32, cpu) is None
     assert "slower PyTorch path" in caplog.text
     with pytest.raises(RuntimeError, match="failed"):
-        pick_decode_kernel("native", cfg, f32, cpu)
+        pick_kernels("native", cfg, f32, cpu)
 
 
 def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm):
-    """The real model, a batch of mixed lengths decoding together: the kernel (the default on the CPU)
+    """The real model, a batch of mixed lengths decoding together: the kernels (the default on the CPU)
     and the PyTorch path give the same tokens."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = [chat_prompt(q) for q in CHAT_QUESTIONS[:4]]
-    torch_path = LLM(str(default_model_path), attention_backend="torch", block_size=4)
-    assert llm.engine.runner.model.model.layers[0].self_attn.attn.decode_kernel is not None
+    torch_path = LLM(str(default_model_path), kernel_backend="torch", block_size=4)
+    layer = llm.engine.runner.model.model.layers[0]
+    assert layer.self_attn.attn.decode_kernel is not None and layer.input_layernorm.kernel is not None
+    assert torch_path.engine.runner.model.model.norm.kernel is None
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == \
         [o.outputs[0].token_ids for o in torch_path.generate(prompts, params)]
