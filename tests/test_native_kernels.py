@@ -63,6 +63,25 @@ def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
         kernel(q, cache[:1], tables, lens, reference.scale)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("lengths", [[1], [300], [5, 77]])
+def test_fewer_sequences_than_threads_split_their_tokens(threads, lengths):
+    """Each sequence's tokens are cut into parts (some empty: 8 parts of 1 token) and merged afterwards."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    q, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
+    reference = PagedAttention(heads, kv_heads, head_dim)
+    mask = (torch.arange(max(lengths))[None, :] < lens[:, None])[:, None, None, :]
+    expected = reference._decode(q, cache, tables, mask)
+    kernel = compile_kernels(heads, kv_heads, head_dim).paged_decode
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel(q, cache, tables, lens, reference.scale)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_refuses_lengths_and_blocks_outside_the_tables():
     q, cache, tables, lens = paged_case(4, 2, 16, 4, [3, 9])
     kernel = compile_kernels(4, 2, 16).paged_decode
@@ -74,6 +93,8 @@ def test_kernel_refuses_lengths_and_blocks_outside_the_tables():
         bad[1, 1] = bad_block
         with pytest.raises(ValueError, match="block id"):
             kernel(q, cache, bad, lens, 0.25)
+        with pytest.raises(ValueError, match="block id"):  # one sequence, its tokens split between threads
+            kernel(q[1:], cache, bad[1:], lens[1:], 0.25)
     bad = tables.clone()
     bad[0, -1] = -1  # padding past the sequence's blocks is never read
     torch.testing.assert_close(kernel(q, cache, bad, lens, 0.25), kernel(q, cache, tables, lens, 0.25))
