@@ -5,8 +5,9 @@
 Needs the test extra (transformers, accelerate). Prints generated tokens per second of both and
 their ratio, for a batch of requests and for a single request: the median of `--repeats` runs, ours
 and theirs alternating so that a busy machine slows both alike. The last column is a ceiling: the
-tokens per second that the run's matrix products alone allow on this machine (every float32 engine
-pays them), so that the ratio can be read against the best one possible.
+tokens per second that the run's matrix products alone allow on this machine, computed as the engine
+computes them (every float32 engine pays for them), so that the ratio can be read against the best one
+possible.
 """
 import argparse
 import statistics

@@ -5,7 +5,7 @@ from torch import nn
 
 from models.attention import AttentionMetadata, KVCache
 from models.config import ModelConfig
-from models.layers import RotaryEmbedding
+from models.layers import Linear, RotaryEmbedding
 
 
 class DecoderModel(nn.Module):
@@ -25,7 +25,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderModel(cfg, layer, norm, embed_norm)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -39,6 +39,6 @@ class CausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, head).float()
+        tied = self.lm_head is None
+        logits = (F.linear(hidden, self.model.embed_tokens.weight) if tied else self.lm_head(hidden)).float()
         return logits if self.config.logit_scale == 1 else logits * self.config.logit_scale

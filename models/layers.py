@@ -21,11 +21,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose product may run in a native kernel (set at load with the weight repacked for it)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernel = None  # (x, packed weight, bias, out_features) -> x · weightᵀ + bias, or F.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.bias, self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """Several projections of the same input in one matmul; checkpoints load them shard by shard."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        super().__init__(in_features, sum(shard_sizes), bias)
         self.shard_sizes = shard_sizes
 
     def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
@@ -37,7 +50,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool):
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden, [intermediate, intermediate], bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -9,7 +9,7 @@ from torch import nn
 from models.attention import AttentionMetadata, KVCache, PagedAttention
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from models.layers import FusedLinear, GatedMLP, RMSNorm, apply_rotary, regroup_rotary
+from models.layers import FusedLinear, GatedMLP, Linear, RMSNorm, apply_rotary, regroup_rotary
 from models.weights import load_weights
 
 # Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
@@ -28,7 +28,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.attention_bias)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x, rotation: torch.Tensor, cache: KVCache, meta: AttentionMetadata):

@@ -11,8 +11,8 @@ from torch import nn
 from models.attention import PagedAttention
 from models.config import ModelConfig, config_from_gguf, config_from_hf
 from models.gguf_file import open_gguf
-from models.layers import RMSNorm
-from models.native import pick_kernels
+from models.layers import Linear, RMSNorm
+from models.native import NativeKernels, pick_kernels
 from models.registry import model_class
 
 _GGUF_FILE_DTYPES = {gguf.LlamaFileType.MOSTLY_F16: torch.float16, gguf.LlamaFileType.MOSTLY_BF16: torch.bfloat16}
@@ -67,7 +67,8 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
                kernel_backend: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
-    attention and RMSNorm layers the native kernels that `kernel_backend` picks (see `models.native.pick_kernels`)."""
+    attention, RMSNorm and linear layers the native kernels that `kernel_backend` picks (see
+    `models.native.pick_kernels`)."""
     path = Path(path)
     if path.suffix == ".gguf":
         reader = open_gguf(path)
@@ -83,9 +84,22 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
     model = model.to_empty(device=device).to(dtype)
     model.load_weights(weights)
     kernels = pick_kernels(kernel_backend, cfg, dtype, device)
+    if kernels is not None:
+        _use_kernels(model, kernels)
+    return model.eval().requires_grad_(False)
+
+
+def _use_kernels(model: nn.Module, kernels: NativeKernels) -> None:
+    """Hand the layers their native kernels, repacking each linear layer's weight in place for its kernel."""
+    if model.lm_head is None:  # tied: the head gets a packed copy, the embedding keeps looking rows up
+        with torch.device("meta"):
+            model.lm_head = Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+        model.lm_head.weight = model.model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, PagedAttention):
-            module.decode_kernel = None if kernels is None else kernels.paged_decode
+            module.decode_kernel = kernels.paged_decode
         elif isinstance(module, RMSNorm):
-            module.kernel = None if kernels is None else kernels.rms_norm
-    return model.eval().requires_grad_(False)
+            module.kernel = kernels.rms_norm
+        elif isinstance(module, Linear):
+            module.weight = nn.Parameter(kernels.linear.pack(module.weight.detach()), requires_grad=False)
+            module.kernel = kernels.linear

@@ -3,7 +3,9 @@ compiler into one library and called through ctypes:
 
 - decode attention (`paged_decode.c`) reads keys and values in place from the block pool, where the
   PyTorch path first copies each sequence's blocks out;
-- RMSNorm (`rms_norm.c`) in one pass, where PyTorch runs six operations.
+- RMSNorm (`rms_norm.c`) in one pass, where PyTorch runs six operations;
+- linear layers (`linear.c`) over weights repacked at load into column panels: for decode-sized batches
+  (up to a few hundred rows) faster than MKL's sgemm, by 1.3-1.8x at 4-8 rows.
 
 Without a compiler the PyTorch path runs instead (slower, same results within float32 rounding). The
 kernels run on torch's own OpenMP threads: torch has loaded libgomp before the library is, so it binds
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from models.config import ModelConfig
 
@@ -100,10 +103,56 @@ class RMSNormKernel:
         return out
 
 
+class LinearKernel:
+    """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n], as F.linear, over a
+    weight that `pack` laid out in column panels at load. Beyond `max_rows` rows (a prefill chunk) MKL's
+    sgemm is faster: the weight is unpacked for it, a copy that costs a few percent of such a product."""
+
+    max_rows = 256
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.linear
+        self._run.restype = None
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self.panel = library.linear_panel_width()
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """[n, k] -> [ceil(n / panel), k, panel]: each panel holds `panel` output columns, row by row of k."""
+        n, k = weight.shape
+        padded = torch.zeros(-(-n // self.panel) * self.panel, k, dtype=weight.dtype)
+        padded[:n] = weight
+        return padded.view(-1, self.panel, k).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+        return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        k = x.shape[-1]
+        tensors = (x, packed) if bias is None else (x, packed, bias)
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or packed.dim() != 3 \
+                or packed.shape[1:] != (k, self.panel) or not 0 <= packed.shape[0] * self.panel - n < self.panel \
+                or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"the linear kernel runs float32 on the CPU over a weight packed for {n} outputs of "
+                             f"{k} inputs; got x {tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} "
+                             f"{packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+        rows = x.numel() // k if k else 0
+        if rows > self.max_rows or k == 0:
+            return F.linear(x, self.unpack(packed, n), bias)
+        x, packed = x.contiguous(), packed.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        self._run(x.data_ptr(), rows, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                  out.data_ptr(), torch.get_num_threads())
+        return out
+
+
 @dataclass
 class NativeKernels:
     paged_decode: PagedDecodeKernel
     rms_norm: RMSNormKernel
+    linear: LinearKernel
 
 
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeKernels:
@@ -122,7 +171,8 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeK
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
     if added := _openmp_runtimes() - before:
         raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
-    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded))
+    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded),
+                         LinearKernel(loaded))
 
 
 def _run_compiler(command: list[str]) -> None:
@@ -156,10 +206,11 @@ def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: tor
     try:
         start = time.perf_counter()
         kernels = compile_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        log.info("decode attention and RMSNorm: native CPU kernels (compiled in %.1f s)", time.perf_counter() - start)
+        log.info("decode attention, RMSNorm and linear layers: native CPU kernels (compiled in %.1f s)",
+                 time.perf_counter() - start)
         return kernels
     except (OSError, RuntimeError) as error:
         if backend == "native":
             raise
-        log.warning("decode attention and RMSNorm run on the slower PyTorch path: %s", error)
+        log.warning("decode attention, RMSNorm and linear layers run on the slower PyTorch path: %s", error)
         return None

@@ -1,6 +1,7 @@
 """The native CPU kernels (decode attention, RMSNorm) against the PyTorch paths they replace."""
 import logging
 import os
+import platform
 import shutil
 
 import pytest
@@ -136,6 +137,51 @@ def test_rms_norm_kernel_matches_pytorch(shape):
             kernel(bad_x, bad_weight, 1e-5)
 
 
+LINEAR_CASES = [(1, 70, 33, True), (7, 64, 576, False), (12, 32, 8, True), (13, 1, 5, True), (64, 960, 576, True),
+                (200, 100, 40, False), (0, 10, 8, True)]  # 200 rows: two blocks of rows
+
+
+@pytest.mark.parametrize("rows,outputs,inputs,bias", LINEAR_CASES)
+def test_linear_kernel_matches_f_linear(rows, outputs, inputs, bias):
+    generator = torch.Generator().manual_seed(rows + outputs)
+    x, weight = torch.randn(rows, inputs, generator=generator), torch.randn(outputs, inputs, generator=generator)
+    b = torch.randn(outputs, generator=generator) if bias else None
+    kernel = compile_kernels(4, 2, 16).linear
+    packed = kernel.pack(weight)
+    assert packed.shape == (-(-outputs // kernel.panel), inputs, kernel.panel)
+    assert torch.equal(kernel.unpack(packed, outputs), weight)
+    expected = F.linear(x, weight, b)
+    kernel.max_rows = 10 ** 6  # the native product at every size
+    torch.testing.assert_close(kernel(x, packed, b, outputs), expected, rtol=1e-4, atol=1e-4)
+    kernel.max_rows = 0  # MKL's over the unpacked weight
+    torch.testing.assert_close(kernel(x, packed, b, outputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_kernel_takes_any_leading_shape_and_refuses_bad_inputs():
+    kernel = compile_kernels(4, 2, 16).linear
+    x, weight, bias = torch.randn(2, 3, 40), torch.randn(50, 40), torch.randn(50)
+    packed = kernel.pack(weight)
+    torch.testing.assert_close(kernel(x, packed, bias, 50), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    for bad in ((x[..., 1:], packed, bias, 50), (x.double(), packed, bias, 50), (x, packed, bias[1:], 50),
+                (x, packed, bias, 50 + kernel.panel), (x, weight, None, 50)):
+        with pytest.raises(ValueError, match="linear kernel runs float32"):
+            kernel(*bad)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 vector extensions")
+@pytest.mark.parametrize("flag,panel", [("-mno-avx512f", 16), ("-mno-avx", 8)])
+def test_linear_kernel_on_narrower_vectors(monkeypatch, flag, panel):
+    """Machines without AVX-512 (or AVX) get narrower panels and fewer rows per tile from the same source."""
+    monkeypatch.setenv("CC", f"gcc {flag}")
+    kernel = compile_kernels(4, 2, 16).linear
+    assert kernel.panel == panel
+    for rows, outputs, inputs, bias in LINEAR_CASES:
+        x, weight = torch.randn(rows, inputs), torch.randn(outputs, inputs)
+        b = torch.randn(outputs) if bias else None
+        torch.testing.assert_close(kernel(x, kernel.pack(weight), b, outputs), F.linear(x, weight, b),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_loading_the_kernels_keeps_subnormal_floats():
     """Built with -ffast-math, the library must not switch the process to flush-to-zero (gcc's crtfastmath)."""
     compile_kernels(4, 2, 16)
@@ -182,6 +228,8 @@ def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm):
     torch_path = LLM(str(default_model_path), kernel_backend="torch", block_size=4)
     layer = llm.engine.runner.model.model.layers[0]
     assert layer.self_attn.attn.decode_kernel is not None and layer.input_layernorm.kernel is not None
-    assert torch_path.engine.runner.model.model.norm.kernel is None
+    assert layer.mlp.down_proj.kernel is not None and llm.engine.runner.model.lm_head.kernel is not None
+    torch_model = torch_path.engine.runner.model
+    assert torch_model.model.norm.kernel is None and torch_model.lm_head is None  # tied: the embedding's weight
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == \
         [o.outputs[0].token_ids for o in torch_path.generate(prompts, params)]
