@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NANOSERVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoserve"
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    root = os.environ.get("NANOSERVE_CACHE") or user_cache / "nanoserve"
     return Path(root)
 
 
