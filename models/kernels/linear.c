@@ -1,13 +1,14 @@
 /* Matrix products for decode-sized batches on the CPU, float32: out = x · Wᵀ + bias, with W repacked at load
-   into column panels, [ceil(n / PANEL), k, PANEL]. A panel is read front to back once per call and stays in
-   the L2 cache while every row of x passes over it, six rows at a time with the sums in registers; the next
-   panel is prefetched meanwhile, since panels lie in separate pages where the hardware prefetcher stops.
+   into column panels, [ceil(n / PANEL), k, PANEL]. A panel is read front to back once per block of rows and
+   stays in the L2 cache while the block's rows pass over it, ROWS at a time with the sums in registers; the
+   next panel is prefetched meanwhile, since panels lie in separate pages where the hardware prefetcher stops.
    MKL's sgemm reaches about half the machine's peak for 64 rows and much less for 8; for thousands of rows
    (prefill) it is better, and the caller unpacks the weight for it. */
 #include <stdint.h>
 #include <string.h>
 
-/* Vectors per panel row and their width: 24 accumulators fill AVX-512's 32 registers, 12 fill AVX2's 16. */
+/* Vector width and rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums
+   in AVX2's 16. */
 #if defined(__AVX512F__)
 #define VEC 16
 #define ROWS 12
