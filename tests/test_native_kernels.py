@@ -163,7 +163,7 @@ def test_linear_kernel_takes_any_leading_shape_and_refuses_bad_inputs():
     packed = kernel.pack(weight)
     torch.testing.assert_close(kernel(x, packed, bias, 50), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
     for bad in ((x[..., 1:], packed, bias, 50), (x.double(), packed, bias, 50), (x, packed, bias[1:], 50),
-                (x, packed, bias, 50 + kernel.panel), (x, weight, None, 50)):
+                (x, packed, bias, 50 + kernel.panel), (x, weight, None, 50), (x, packed, torch.randn(100)[::2], 50)):
         with pytest.raises(ValueError, match="linear kernel runs float32"):
             kernel(*bad)
 
