@@ -141,11 +141,16 @@ LINEAR_CASES = [(1, 70, 33, True), (7, 64, 576, False), (12, 32, 8, True), (13, 
                 (200, 100, 40, False), (0, 10, 8, True)]  # 200 rows: two blocks of rows
 
 
-@pytest.mark.parametrize("rows,outputs,inputs,bias", LINEAR_CASES)
-def test_linear_kernel_matches_f_linear(rows, outputs, inputs, bias):
+def linear_inputs(rows: int, outputs: int, inputs: int, bias: bool):
+    """x, weight and bias (or None) of one LINEAR_CASES entry, seeded."""
     generator = torch.Generator().manual_seed(rows + outputs)
     x, weight = torch.randn(rows, inputs, generator=generator), torch.randn(outputs, inputs, generator=generator)
-    b = torch.randn(outputs, generator=generator) if bias else None
+    return x, weight, torch.randn(outputs, generator=generator) if bias else None
+
+
+@pytest.mark.parametrize("rows,outputs,inputs,bias", LINEAR_CASES)
+def test_linear_kernel_matches_f_linear(rows, outputs, inputs, bias):
+    x, weight, b = linear_inputs(rows, outputs, inputs, bias)
     kernel = compile_kernels(4, 2, 16).linear
     packed = kernel.pack(weight)
     assert packed.shape == (-(-outputs // kernel.panel), inputs, kernel.panel)
@@ -176,8 +181,7 @@ def test_linear_kernel_on_narrower_vectors(monkeypatch, flag, panel):
     kernel = compile_kernels(4, 2, 16).linear
     assert kernel.panel == panel
     for rows, outputs, inputs, bias in LINEAR_CASES:
-        x, weight = torch.randn(rows, inputs), torch.randn(outputs, inputs)
-        b = torch.randn(outputs) if bias else None
+        x, weight, b = linear_inputs(rows, outputs, inputs, bias)
         torch.testing.assert_close(kernel(x, kernel.pack(weight), b, outputs), F.linear(x, weight, b),
                                    rtol=1e-4, atol=1e-4)
 
