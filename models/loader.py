@@ -12,6 +12,7 @@ from models.attention import PagedAttention
 from models.config import ModelConfig, config_from_gguf, config_from_hf
 from models.gguf_file import open_gguf
 from models.layers import Linear, RMSNorm
+from models.llama import LlamaDecoderLayer
 from models.native import NativeKernels, pick_kernels
 from models.registry import model_class
 
@@ -103,3 +104,6 @@ def _use_kernels(model: nn.Module, kernels: NativeKernels) -> None:
         elif isinstance(module, Linear):
             module.weight = nn.Parameter(kernels.linear.pack(module.weight.detach()), requires_grad=False)
             module.kernel = kernels.linear
+    for layer in model.model.layers:  # once their weights are packed
+        if isinstance(layer, LlamaDecoderLayer):
+            layer.decode_kernel = kernels.llama_layer.bind(layer)

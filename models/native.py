@@ -37,11 +37,18 @@ _SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.c"))
 # crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK = ["-shared", "-fopenmp"]
-# The kernel's return codes (enum in paged_decode.c): a fresh exception each time, so that tracebacks
-# do not pile up on one shared instance.
+# The kernels' return codes (enum in kernels.h): a fresh exception each time, so that tracebacks do not pile up
+# on one shared instance.
 _FAILURES = {1: (MemoryError, "paged decode attention: out of memory for the scores"),
              2: (ValueError, "paged decode attention: a context length outside 1 .. the block table's capacity"),
-             3: (ValueError, "paged decode attention: a block id outside the KV cache")}
+             3: (ValueError, "paged decode attention: a block id outside the KV cache"),
+             4: (ValueError, "decoder layer: a cache slot outside the KV cache")}
+
+
+def _raise_for(status: int) -> None:
+    if status:
+        kind, message = _FAILURES[status]
+        raise kind(message)
 
 
 class PagedDecodeKernel:
@@ -61,9 +68,7 @@ class PagedDecodeKernel:
         status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
                            out.data_ptr(), q.shape[0], cache.shape[1], cache.shape[2], block_tables.shape[1],
                            scale, torch.get_num_threads())
-        if status:
-            kind, message = _FAILURES[status]
-            raise kind(message)
+        _raise_for(status)
         return out
 
     def _check(self, q, cache, block_tables, context_lens) -> None:
@@ -149,11 +154,94 @@ class LinearKernel:
         return out
 
 
+class _LayerWeights(ctypes.Structure):
+    """`struct llama_layer` of llama_layer.c."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "post_norm",
+                                                     "gate_up", "gate_up_bias", "down", "down_bias")] \
+        + [("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
+class LlamaLayerKernel:
+    """A whole Llama decoder layer for a batch of one-token sequences, in one call. `bind(layer)` gives the
+    layer its kernel: (x [seqs, hidden], rotation, cache, meta) -> the layer's output, as its forward computes it.
+    The layer's linear weights must already be packed for `LinearKernel`; the kernel keeps pointers to the
+    layer's tensors, so they must not be replaced afterwards."""
+
+    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int, max_seqs: int):
+        self.num_heads, self.num_kv_heads, self.head_dim, self.max_seqs = num_heads, num_kv_heads, head_dim, max_seqs
+        self._run = library.llama_decode_layer
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 \
+            + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self._scratch = library.llama_layer_scratch
+        self._scratch.restype = ctypes.c_int64
+        self._scratch.argtypes = [ctypes.c_int64] * 3
+
+    def bind(self, layer) -> "BoundLlamaLayer":
+        attn, mlp = layer.self_attn, layer.mlp
+        tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                   attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                   mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
+        shapes = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim)
+        if shapes != (self.num_heads, self.num_kv_heads, self.head_dim) or not all(
+                t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in tensors) \
+                or any(m.kernel is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            raise ValueError(f"the decoder layer kernel was compiled for (heads, kv heads, head_dim) "
+                             f"{(self.num_heads, self.num_kv_heads, self.head_dim)} and takes contiguous float32 "
+                             f"CPU weights, the linear ones packed; got {shapes}")
+        hidden, intermediate = mlp.down_proj.out_features, mlp.down_proj.in_features
+        weights = _LayerWeights(*(None if t is None else t.data_ptr() for t in tensors), hidden, intermediate,
+                                layer.input_layernorm.eps)
+        return BoundLlamaLayer(self, weights, tensors, attn.attn.scale)
+
+
+class BoundLlamaLayer:
+    """One layer's `LlamaLayerKernel`, holding its weights' pointers (and the tensors, so that they stay alive)."""
+
+    def __init__(self, kernel: LlamaLayerKernel, weights: _LayerWeights, tensors: list, scale: float):
+        self.kernel, self.weights, self.tensors, self.scale = kernel, weights, tensors, scale
+        self.max_seqs = kernel.max_seqs
+
+    def __call__(self, x: torch.Tensor, rotation: torch.Tensor, cache: torch.Tensor, meta) -> torch.Tensor:
+        rotation = torch.view_as_real(rotation)
+        self._check(x, rotation, cache, meta)
+        kernel, (seqs, hidden) = self.kernel, x.shape
+        slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.decode_context_lens
+        threads = torch.get_num_threads()
+        scratch = torch.empty(kernel._scratch(seqs, hidden, self.weights.intermediate))
+        out = torch.empty_like(x)
+        _raise_for(kernel._run(ctypes.byref(self.weights), x.data_ptr(), out.data_ptr(), seqs, rotation.data_ptr(),
+                               cache.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                               cache.shape[1], cache.shape[2], tables.shape[1], self.scale, scratch.data_ptr(),
+                               threads))
+        return out
+
+    def _check(self, x, rotation, cache, meta) -> None:
+        """The kernel trusts the layout it was compiled for (a mismatch reads or writes out of bounds): check it.
+        Slots are checked by the kernel, block ids and lengths by the attention kernel it calls."""
+        kernel = self.kernel
+        seqs = len(x)
+        slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.decode_context_lens
+        if x.dtype != torch.float32 or not x.is_cpu or x.shape != (seqs, self.weights.hidden) \
+                or not x.is_contiguous() or rotation.shape != (seqs, 1, kernel.head_dim // 2, 2) \
+                or not rotation.is_contiguous() or cache.dtype != torch.float32 or not cache.is_cpu \
+                or cache.dim() != 5 or (cache.shape[0], *cache.shape[3:]) != (2, kernel.num_kv_heads, kernel.head_dim) \
+                or not cache.is_contiguous() or meta.num_prefills != 0 or slots.shape != (seqs,) \
+                or lens.shape != (seqs,) or tables.dim() != 2 or len(tables) != seqs \
+                or (slots.dtype, tables.dtype, lens.dtype) != (torch.int64,) * 3 \
+                or not (slots.is_contiguous() and tables.is_contiguous() and lens.is_contiguous()):
+            raise ValueError(f"the decoder layer kernel takes one token per sequence, float32 on the CPU, "
+                             f"{self.weights.hidden} wide, a contiguous cache of {kernel.num_kv_heads} KV heads of "
+                             f"{kernel.head_dim}, and int64 slots, block tables and lengths for each; got x "
+                             f"{tuple(x.shape)} {x.dtype}, cache {tuple(cache.shape)}, {meta.num_prefills} prefills")
+
+
 @dataclass
 class NativeKernels:
     paged_decode: PagedDecodeKernel
     rms_norm: RMSNormKernel
     linear: LinearKernel
+    llama_layer: LlamaLayerKernel
 
 
 def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeKernels:
@@ -172,8 +260,9 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeK
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
     if added := _openmp_runtimes() - before:
         raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
-    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded),
-                         LinearKernel(loaded))
+    linear = LinearKernel(loaded)
+    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded), linear,
+                         LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim, linear.max_rows))
 
 
 def _run_compiler(command: list[str]) -> None:

@@ -1,4 +1,7 @@
-"""The native CPU kernels (decode attention, RMSNorm) against the PyTorch paths they replace."""
+"""The native CPU kernels (decode attention, RMSNorm, linear layers, the Llama decoder layer) against the PyTorch
+paths they replace."""
+import copy
+import dataclasses
 import logging
 import os
 import platform
@@ -9,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from models.attention import AttentionMetadata, PagedAttention
 from models import native
+from models.attention import AttentionMetadata, PagedAttention
+from models.config import config_from_hf
+from models.llama import LlamaForCausalLM
+from models.loader import _use_kernels
 from models.native import compile_kernels, pick_kernels
 from tests.conftest import CHAT_QUESTIONS, chat_prompt
 
@@ -186,6 +192,53 @@ def test_linear_kernel_on_narrower_vectors(monkeypatch, flag, panel):
                                    rtol=1e-4, atol=1e-4)
 
 
+def random_llama(heads: int, kv_heads: int, head_dim: int, bias: bool) -> LlamaForCausalLM:
+    """A one-layer Llama of random weights (norms and biases too), on the PyTorch path."""
+    cfg = config_from_hf({"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 1, "vocab_size": 50,
+                          "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+                          "attention_bias": bias, "mlp_bias": bias})
+    model = LlamaForCausalLM(cfg)
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2 + ("norm" in name))
+    return model
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, bias", [(9, 3, 64, False), (4, 2, 16, True), (6, 1, 24, True)])
+def test_decoder_layer_kernel_matches_the_layer_steps(heads, kv_heads, head_dim, bias):
+    """The one-call decoder layer against the layer's own steps on the PyTorch path: a decode batch of mixed
+    context lengths, the same output and the same new keys and values in the cache."""
+    model = random_llama(heads, kv_heads, head_dim, bias)
+    reference = copy.deepcopy(model.model.layers[0])
+    _use_kernels(model, compile_kernels(heads, kv_heads, head_dim))
+    layer = model.model.layers[0]
+    assert layer.decode_kernel is not None
+    block_size, lengths = 4, [1, 9, 40]
+    _, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
+    positions = lens - 1
+    slots = tables[torch.arange(3), positions // block_size] * block_size + positions % block_size
+    meta = AttentionMetadata(query_lens=[1] * 3, context_lens=lengths, num_prefills=0, slot_mapping=slots,
+                             block_tables=tables, decode_context_lens=lens)
+    x, rotation = torch.randn(3, 48, generator=torch.Generator().manual_seed(0)), model.rotary(positions)
+    expected_cache, got_cache = cache.clone(), cache.clone()
+    with torch.inference_mode():
+        expected = reference(x, rotation, expected_cache, meta)
+        torch.testing.assert_close(layer(x, rotation, got_cache, meta), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_cache, expected_cache, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got_cache, cache)  # the new keys and values were written
+
+    bad_slots = dataclasses.replace(meta, slot_mapping=torch.tensor([0, 1, cache[0].numel()]))
+    with pytest.raises(ValueError, match="cache slot outside"):
+        layer.decode_kernel(x, rotation, got_cache, bad_slots)
+    torch.testing.assert_close(got_cache, expected_cache, rtol=1e-5, atol=1e-5)  # nothing written
+    bad_metas = (dataclasses.replace(meta, num_prefills=1), dataclasses.replace(meta, block_tables=tables.int()))
+    for bad in ((x.double(), rotation, got_cache, meta), (x[:2], rotation, got_cache, meta),
+                (x, rotation, got_cache[..., 1:], meta), *((x, rotation, got_cache, m) for m in bad_metas)):
+        with pytest.raises(ValueError, match="decoder layer kernel takes"):
+            layer.decode_kernel(*bad)
+
+
 def test_loading_the_kernels_keeps_subnormal_floats():
     """Built with -ffast-math, the library must not switch the process to flush-to-zero (gcc's crtfastmath)."""
     compile_kernels(4, 2, 16)
@@ -203,7 +256,6 @@ def test_a_second_openmp_runtime_means_no_kernels(monkeypatch):
 
 
 def test_backend_choice(monkeypatch, caplog):
-    from models.config import config_from_hf
     cfg = config_from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
                           "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128,
                           "vocab_size": 100})
@@ -233,6 +285,7 @@ def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm):
     layer = llm.engine.runner.model.model.layers[0]
     assert layer.self_attn.attn.decode_kernel is not None and layer.input_layernorm.kernel is not None
     assert layer.mlp.down_proj.kernel is not None and llm.engine.runner.model.lm_head.kernel is not None
+    assert layer.decode_kernel is not None
     torch_model = torch_path.engine.runner.model
     assert torch_model.model.norm.kernel is None and torch_model.lm_head is None  # tied: the embedding's weight
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == \

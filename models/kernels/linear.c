@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 /* Vector width and rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums
    in AVX2's 16. */
 #if defined(__AVX512F__)

@@ -7,10 +7,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #define HEADS (KV_HEADS * GROUP)
 #define TOKEN_STRIDE (KV_HEADS * HEAD_DIM)
-
-enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK };
 
 /* What would make one sequence read out of bounds, checked before any read. */
 static int sequence_problem(int64_t len, const int64_t *table, int64_t table_width, int64_t block_size,

@@ -4,6 +4,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 /* x, out: [rows, dim], contiguous; weight: [dim]. Rows go to separate threads once there are enough of them
    to pay for waking the threads (a prefill chunk, not a decode step). */
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps,

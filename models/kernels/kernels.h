@@ -1,0 +1,12 @@
+/* What the kernels call of each other, and the status codes they return (see `models/native.py`). */
+#include <stdint.h>
+
+enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT };
+
+void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
+            int num_threads);
+void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps,
+              int num_threads);
+int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *context_lens,
+                 float *out, int64_t seqs, int64_t num_blocks, int64_t block_size, int64_t table_width,
+                 float scale, int num_threads);
