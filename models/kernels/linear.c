@@ -3,11 +3,15 @@
    stays in the L2 cache while the block's rows pass over it, ROWS at a time with the sums in registers; the
    next panel is prefetched meanwhile, since panels lie in separate pages where the hardware prefetcher stops.
    MKL's sgemm reaches about half the machine's peak for 64 rows and much less for 8; for thousands of rows
-   (prefill) it is better, and the caller unpacks the weight for it. */
+   (prefill) it is better, and the caller unpacks the weight for it. One row (a single sequence decoding) is
+   bound by memory instead, and reads several panels at once. */
 #include <stdint.h>
 #include <string.h>
 
 #include "kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Vector width and rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums
    in AVX2's 16. */
@@ -25,7 +29,7 @@
 #define PANEL (VEC * VECS)
 #define BLOCK_TILES 16 /* row tiles in a block of rows: 192 rows of 576 floats take 442 KB of L2 */
 #define LINE_FLOATS 16 /* a 64-byte cache line */
-#define UNROLL 8       /* steps of k in flight for one row (measured best of 1, 4 and 8) */
+#define STREAMS 4      /* panels read at once for one row (measured best of 2, 4 and 8) */
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -44,18 +48,7 @@ static inline __attribute__((always_inline)) void tile(const int rows, const flo
     vec sums[ROWS][VECS];
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < VECS; j++) sums[i][j] = bias ? load(bias + j * VEC) : (vec){0};
-    if (rows == 1) {  /* bound by memory: UNROLL chains of sums keep more of the panel's loads in flight */
-        vec chains[UNROLL][VECS] = {{{0}}};
-        int64_t p = 0;
-        for (; p + UNROLL <= k; p += UNROLL)
-            for (int u = 0; u < UNROLL; u++)
-                for (int j = 0; j < VECS; j++) chains[u][j] += load(panel + (p + u) * PANEL + j * VEC) * x[p + u];
-        for (; p < k; p++)
-            for (int j = 0; j < VECS; j++) chains[0][j] += load(panel + p * PANEL + j * VEC) * x[p];
-        for (int u = 0; u < UNROLL; u++)
-            for (int j = 0; j < VECS; j++) sums[0][j] += chains[u][j];
-    }
-    for (int64_t p = 0; rows > 1 && p < k; p++) {
+    for (int64_t p = 0; p < k; p++) {
         const float *w = panel + p * PANEL;
         for (int l = 0; l < lines; l++) __builtin_prefetch(next + p * PANEL + l * LINE_FLOATS, 0, 3);
         vec ws[VECS];
@@ -76,12 +69,60 @@ static inline __attribute__((always_inline)) void tile(const int rows, const flo
     }
 }
 
+/* One row against `count` panels at once, q[0 .. count): each panel is a stretch of memory that the hardware
+   prefetcher follows, and several such streams keep more of the memory's bandwidth busy than one (this product
+   is bound by memory). The bias is added as the sums are written, so that it needs no padding. */
+static inline __attribute__((always_inline)) void one_row_panels(const int count, const int64_t *q, const float *x,
+        int64_t k, const float *packed, int64_t n, const float *bias, float *out) {
+    vec sums[STREAMS][VECS];
+    const float *panels[STREAMS];
+    for (int s = 0; s < count; s++) {
+        panels[s] = packed + q[s] * k * PANEL;
+        for (int j = 0; j < VECS; j++) sums[s][j] = (vec){0};
+    }
+    for (int64_t p = 0; p < k; p++)
+        for (int s = 0; s < count; s++)
+            for (int j = 0; j < VECS; j++) sums[s][j] += load(panels[s] + p * PANEL + j * VEC) * x[p];
+    for (int s = 0; s < count; s++) {
+        float full[PANEL];
+        for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[s][j]);
+        for (int64_t i = 0, first = q[s] * PANEL; i < min64(n - first, PANEL); i++)
+            out[first + i] = full[i] + (bias ? bias[first + i] : 0);
+    }
+}
+
+/* One row: each thread takes a run of panels and reads STREAMS parts of it side by side. */
+static void one_row(const float *x, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
+                    int num_threads) {
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    #pragma omp parallel num_threads(num_threads) if (n * k >= 1 << 18)
+    {
+        int64_t thread = 0, threads = 1;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+        threads = omp_get_num_threads();
+#endif
+        const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
+        const int64_t part = (last - first) / STREAMS;
+        for (int64_t i = 0; i < part; i++) {
+            int64_t q[STREAMS];
+            for (int s = 0; s < STREAMS; s++) q[s] = first + s * part + i;
+            one_row_panels(STREAMS, q, x, k, packed, n, bias, out);
+        }
+        for (int64_t q = first + STREAMS * part; q < last; q++) one_row_panels(1, &q, x, k, packed, n, bias, out);
+    }
+}
+
 /* x: [m, k]; packed: [ceil(n / PANEL), k, PANEL], zero-padded; bias: [n] or NULL; out: [m, n].
    Work items are (block of rows, panel, group of row tiles), in that order, and each thread takes one run of
    them: a run stays on one panel while it can, and on one block of rows (which stays in L2) over all panels. */
 void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
             int num_threads) {
     if (m == 0) return;
+    if (m == 1) {
+        one_row(x, k, packed, n, bias, out, num_threads);
+        return;
+    }
     const int64_t panels = (n + PANEL - 1) / PANEL, row_tiles = (m + ROWS - 1) / ROWS;
     const int64_t tiles_per_group = 4, max_groups = BLOCK_TILES / tiles_per_group;
     const int64_t groups = min64((row_tiles + tiles_per_group - 1) / tiles_per_group, max_groups);
@@ -99,9 +140,8 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
         for (int64_t t = first; t < first + tiles_per_group && t < row_tiles; t++) {
             const int64_t r = t * ROWS, line = (t - first) * LINE_FLOATS;
             /* The first group on a panel fetches the next panel: one cache line of its rows per row tile, all
-               of them when the group has one tile. Not for one row: that product is bound by memory, where the
-               hardware prefetcher keeps up and prefetch instructions only cost time (measured). */
-            const int lines = group > 0 || q + 1 == panels || line >= PANEL || m == 1 ? 0
+               of them when the group has one tile. */
+            const int lines = group > 0 || q + 1 == panels || line >= PANEL ? 0
                               : row_tiles == 1 ? PANEL / LINE_FLOATS : 1;
             const float *next = panel + k * PANEL + line, *xr = x + r * k;
             float *o = out + r * n + q * PANEL;
