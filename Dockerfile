@@ -16,7 +16,8 @@ RUN apt-get update \
 
 FROM python:3.11-slim-bookworm AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# gcc compiles the CPU kernels (decode attention, RMSNorm, linear layers) at start (models/native.py); without it a slower path runs.
+# gcc compiles the CPU kernels (decode attention, RMSNorm, linear and decoder layers) at start
+# (models/native.py); without it a slower path runs.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -68,7 +68,7 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
                kernel_backend: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
-    attention, RMSNorm and linear layers the native kernels that `kernel_backend` picks (see
+    attention, RMSNorm, linear and (Llama) decoder layers the native kernels that `kernel_backend` picks (see
     `models.native.pick_kernels`)."""
     path = Path(path)
     if path.suffix == ".gguf":

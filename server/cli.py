@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--kernel-backend", default="auto", choices=BACKENDS,
-                   help="native: decode attention, RMSNorm and linear layers in C kernels compiled at start "
-                        "(float32 on the CPU; auto uses them there when gcc is found); torch: PyTorch operations only")
+                   help="native: decode attention, RMSNorm, linear and Llama decoder layers in C kernels compiled at "
+                        "start (float32 on the CPU; auto uses them there when gcc is found); torch: PyTorch operations "
+                        "only")
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU memory free after loading that the KV cache takes")
