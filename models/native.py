@@ -167,7 +167,8 @@ class LlamaLayerKernel:
     """A whole Llama decoder layer for a batch of one-token sequences, in one call. `bind(layer)` gives the
     layer its kernel: (x [seqs, hidden], rotation, cache, meta) -> the layer's output, as its forward computes it.
     The layer's linear weights must already be packed for `LinearKernel`; the kernel keeps pointers to the
-    layer's tensors, so they must not be replaced afterwards."""
+    layer's tensors, so they must not be replaced afterwards. Batches of more than `max_seqs` (the linear
+    kernel's `max_rows`, past which MKL is faster) take the layer's own steps."""
 
     def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int, max_seqs: int):
         self.num_heads, self.num_kv_heads, self.head_dim, self.max_seqs = num_heads, num_kv_heads, head_dim, max_seqs
