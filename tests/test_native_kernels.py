@@ -143,8 +143,9 @@ def test_rms_norm_kernel_matches_pytorch(shape):
             kernel(bad_x, bad_weight, 1e-5)
 
 
-LINEAR_CASES = [(1, 70, 33, True), (7, 64, 576, False), (12, 32, 8, True), (13, 1, 5, True), (64, 960, 576, True),
-                (200, 100, 40, False), (0, 10, 8, True)]  # 200 rows: two blocks of rows
+LINEAR_CASES = [(1, 70, 33, True), (2, 33, 17, False), (3, 130, 64, True), (4, 300, 20, True), (7, 64, 576, False),
+                (12, 32, 8, True), (13, 1, 5, True), (64, 960, 576, True), (200, 100, 40, False),
+                (0, 10, 8, True)]  # up to 4 rows: panels side by side; 200 rows: two blocks of rows
 
 
 def linear_inputs(rows: int, outputs: int, inputs: int, bias: bool):

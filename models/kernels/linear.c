@@ -3,8 +3,8 @@
    stays in the L2 cache while the block's rows pass over it, ROWS at a time with the sums in registers; the
    next panel is prefetched meanwhile, since panels lie in separate pages where the hardware prefetcher stops.
    MKL's sgemm reaches about half the machine's peak for 64 rows and much less for 8; for thousands of rows
-   (prefill) it is better, and the caller unpacks the weight for it. One row (a single sequence decoding) is
-   bound by memory instead, and reads several panels at once. */
+   (prefill) it is better, and the caller unpacks the weight for it. A few rows (as many sequences decoding) are
+   bound by memory instead, and read several panels at once. */
 #include <stdint.h>
 #include <string.h>
 
@@ -29,7 +29,8 @@
 #define PANEL (VEC * VECS)
 #define BLOCK_TILES 16 /* row tiles in a block of rows: 192 rows of 576 floats take 442 KB of L2 */
 #define LINE_FLOATS 16 /* a 64-byte cache line */
-#define STREAMS 4      /* panels read at once for one row (measured best of 2, 4 and 8) */
+#define FEW_ROWS 4     /* up to this many rows a product is bound by memory: see few_rows */
+#define STREAMS 4      /* panels read at once for one or two rows (measured best of 2, 4 and 8), half for more */
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -69,33 +70,51 @@ static inline __attribute__((always_inline)) void tile(const int rows, const flo
     }
 }
 
-/* One row against `count` panels at once, q[0 .. count): each panel is a stretch of memory that the hardware
-   prefetcher follows, and several such streams keep more of the memory's bandwidth busy than one (this product
-   is bound by memory). The bias is added as the sums are written, so that it needs no padding. */
-static inline __attribute__((always_inline)) void one_row_panels(const int count, const int64_t *q, const float *x,
-        int64_t k, const float *packed, int64_t n, const float *bias, float *out) {
-    vec sums[STREAMS][VECS];
+/* `rows` rows against `count` panels at once, q[0 .. count): each panel is a stretch of memory that the hardware
+   prefetcher follows, and several such streams keep more of the memory's bandwidth busy than one (a product of
+   a few rows is bound by memory). The bias is added as the sums are written, so that it needs no padding. */
+static inline __attribute__((always_inline)) void few_rows_panels(const int rows, const int count, const int64_t *q,
+        const float *x, int64_t k, const float *packed, int64_t n, const float *bias, float *out) {
+    vec sums[FEW_ROWS][STREAMS][VECS];
     const float *panels[STREAMS];
     for (int s = 0; s < count; s++) {
         panels[s] = packed + q[s] * k * PANEL;
-        for (int j = 0; j < VECS; j++) sums[s][j] = (vec){0};
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < VECS; j++) sums[i][s][j] = (vec){0};
     }
     for (int64_t p = 0; p < k; p++)
         for (int s = 0; s < count; s++)
-            for (int j = 0; j < VECS; j++) sums[s][j] += load(panels[s] + p * PANEL + j * VEC) * x[p];
-    for (int s = 0; s < count; s++) {
-        float full[PANEL];
-        for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[s][j]);
-        for (int64_t i = 0, first = q[s] * PANEL; i < min64(n - first, PANEL); i++)
-            out[first + i] = full[i] + (bias ? bias[first + i] : 0);
-    }
+            for (int j = 0; j < VECS; j++) {
+                const vec w = load(panels[s] + p * PANEL + j * VEC);
+                for (int i = 0; i < rows; i++) sums[i][s][j] += w * x[i * k + p];
+            }
+    for (int s = 0; s < count; s++)
+        for (int i = 0; i < rows; i++) {
+            float full[PANEL];
+            for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[i][s][j]);
+            for (int64_t c = 0, first = q[s] * PANEL; c < min64(n - first, PANEL); c++)
+                out[i * n + first + c] = full[c] + (bias ? bias[first + c] : 0);
+        }
 }
 
-/* One row: each thread takes a run of panels and reads STREAMS parts of it side by side. */
-static void one_row(const float *x, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
-                    int num_threads) {
+/* Panels [first, last) cut into `count` parts that are read side by side. */
+static inline __attribute__((always_inline)) void few_rows_run(const int rows, const int count, const float *x,
+        int64_t k, const float *packed, int64_t n, const float *bias, float *out, int64_t first, int64_t last) {
+    const int64_t part = (last - first) / count;
+    for (int64_t i = 0; i < part; i++) {
+        int64_t q[STREAMS];
+        for (int s = 0; s < count; s++) q[s] = first + s * part + i;
+        few_rows_panels(rows, count, q, x, k, packed, n, bias, out);
+    }
+    for (int64_t q = first + count * part; q < last; q++) few_rows_panels(rows, 1, &q, x, k, packed, n, bias, out);
+}
+
+/* Up to FEW_ROWS rows: each thread takes a run of panels and reads parts of it side by side, as many as leave
+   the sums in registers. */
+static void few_rows(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias,
+                     float *out, int num_threads) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
-    #pragma omp parallel num_threads(num_threads) if (n * k >= 1 << 18)
+    #pragma omp parallel num_threads(num_threads) if (m * n * k >= 1 << 18)
     {
         int64_t thread = 0, threads = 1;
 #ifdef _OPENMP
@@ -103,13 +122,12 @@ static void one_row(const float *x, int64_t k, const float *packed, int64_t n, c
         threads = omp_get_num_threads();
 #endif
         const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
-        const int64_t part = (last - first) / STREAMS;
-        for (int64_t i = 0; i < part; i++) {
-            int64_t q[STREAMS];
-            for (int s = 0; s < STREAMS; s++) q[s] = first + s * part + i;
-            one_row_panels(STREAMS, q, x, k, packed, n, bias, out);
+        switch (m) {
+            case 1: few_rows_run(1, STREAMS, x, k, packed, n, bias, out, first, last); break;
+            case 2: few_rows_run(2, STREAMS, x, k, packed, n, bias, out, first, last); break;
+            case 3: few_rows_run(3, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;
+            default: few_rows_run(4, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;
         }
-        for (int64_t q = first + STREAMS * part; q < last; q++) one_row_panels(1, &q, x, k, packed, n, bias, out);
     }
 }
 
@@ -119,8 +137,8 @@ static void one_row(const float *x, int64_t k, const float *packed, int64_t n, c
 void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
             int num_threads) {
     if (m == 0) return;
-    if (m == 1) {
-        one_row(x, k, packed, n, bias, out, num_threads);
+    if (m <= FEW_ROWS) {
+        few_rows(x, m, k, packed, n, bias, out, num_threads);
         return;
     }
     const int64_t panels = (n + PANEL - 1) / PANEL, row_tiles = (m + ROWS - 1) / ROWS;
