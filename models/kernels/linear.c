@@ -14,23 +14,25 @@
 #endif
 
 /* Vector width and rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums
-   in AVX2's 16. */
+   in AVX2's 16. Two rows of four panels side by side keep 16 sums: AVX-512 only. */
 #if defined(__AVX512F__)
 #define VEC 16
 #define ROWS 12
+#define FEW_ROWS 4 /* up to this many rows a product is bound by memory and reads panels side by side (few_rows) */
 #elif defined(__AVX__)
 #define VEC 8
 #define ROWS 6
+#define FEW_ROWS 1 /* with 16 registers, more rows side by side were no faster than the tiles (or spilled) */
 #else
 #define VEC 4
 #define ROWS 6
+#define FEW_ROWS 1
 #endif
 #define VECS 2
 #define PANEL (VEC * VECS)
 #define BLOCK_TILES 16 /* row tiles in a block of rows: 192 rows of 576 floats take 442 KB of L2 */
 #define LINE_FLOATS 16 /* a 64-byte cache line */
-#define FEW_ROWS 4     /* up to this many rows a product is bound by memory: see few_rows */
-#define STREAMS 4      /* panels read at once for one or two rows (measured best of 2, 4 and 8), half for more */
+#define STREAMS 4      /* panels read at once for one row (measured best of 2, 4 and 8), fewer for more rows */
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -123,10 +125,12 @@ static void few_rows(const float *x, int64_t m, int64_t k, const float *packed, 
 #endif
         const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
         switch (m) {
-            case 1: few_rows_run(1, STREAMS, x, k, packed, n, bias, out, first, last); break;
-            case 2: few_rows_run(2, STREAMS, x, k, packed, n, bias, out, first, last); break;
+#if FEW_ROWS == 4
+            case 4: few_rows_run(4, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;
             case 3: few_rows_run(3, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;
-            default: few_rows_run(4, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;
+            case 2: few_rows_run(2, STREAMS, x, k, packed, n, bias, out, first, last); break;
+#endif
+            default: few_rows_run(1, STREAMS, x, k, packed, n, bias, out, first, last); break;
         }
     }
 }
