@@ -43,14 +43,24 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 int linear_panel_width(void) { return PANEL; }
 
+/* One row's sums for one panel into out[0 .. width), plus the bias when there is one. A matrix's last panel may
+   be narrower than PANEL: neither its padding nor the bias (which is not padded) is touched past width. */
+static inline void write_sums(const vec *sums, const float *bias, float *out, int64_t width) {
+    if (width == PANEL) {
+        for (int j = 0; j < VECS; j++) store(out + j * VEC, bias ? sums[j] + load(bias + j * VEC) : sums[j]);
+        return;
+    }
+    float full[PANEL];
+    for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[j]);
+    for (int64_t c = 0; c < width; c++) out[c] = full[c] + (bias ? bias[c] : 0);
+}
+
 /* `rows` (a constant once inlined) rows of x against one panel: out[rows, width] for the panel's first `width`
    columns. Prefetches `lines` cache lines of each row of `next`, the panel to come. */
 static inline __attribute__((always_inline)) void tile(const int rows, const float *x, int64_t k,
         const float *panel, const float *bias, float *out, int64_t out_stride, int64_t width, const float *next,
         const int lines) {
-    vec sums[ROWS][VECS];
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < VECS; j++) sums[i][j] = bias ? load(bias + j * VEC) : (vec){0};
+    vec sums[ROWS][VECS] = {{{0}}};
     for (int64_t p = 0; p < k; p++) {
         const float *w = panel + p * PANEL;
         for (int l = 0; l < lines; l++) __builtin_prefetch(next + p * PANEL + l * LINE_FLOATS, 0, 3);
@@ -61,20 +71,12 @@ static inline __attribute__((always_inline)) void tile(const int rows, const flo
             for (int j = 0; j < VECS; j++) sums[i][j] += ws[j] * a;
         }
     }
-    for (int i = 0; i < rows; i++) {
-        if (width == PANEL) {
-            for (int j = 0; j < VECS; j++) store(out + i * out_stride + j * VEC, sums[i][j]);
-        } else {  /* the last panel of a matrix whose width is no multiple of PANEL: its padding is not written */
-            float full[PANEL];
-            for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[i][j]);
-            memcpy(out + i * out_stride, full, width * sizeof(float));
-        }
-    }
+    for (int i = 0; i < rows; i++) write_sums(sums[i], bias, out + i * out_stride, width);
 }
 
 /* `rows` rows against `count` panels at once, q[0 .. count): each panel is a stretch of memory that the hardware
    prefetcher follows, and several such streams keep more of the memory's bandwidth busy than one (a product of
-   a few rows is bound by memory). The bias is added as the sums are written, so that it needs no padding. */
+   a few rows is bound by memory). */
 static inline __attribute__((always_inline)) void few_rows_panels(const int rows, const int count, const int64_t *q,
         const float *x, int64_t k, const float *packed, int64_t n, const float *bias, float *out) {
     vec sums[FEW_ROWS][STREAMS][VECS];
@@ -91,12 +93,9 @@ static inline __attribute__((always_inline)) void few_rows_panels(const int rows
                 for (int i = 0; i < rows; i++) sums[i][s][j] += w * x[i * k + p];
             }
     for (int s = 0; s < count; s++)
-        for (int i = 0; i < rows; i++) {
-            float full[PANEL];
-            for (int j = 0; j < VECS; j++) store(full + j * VEC, sums[i][s][j]);
-            for (int64_t c = 0, first = q[s] * PANEL; c < min64(n - first, PANEL); c++)
-                out[i * n + first + c] = full[c] + (bias ? bias[first + c] : 0);
-        }
+        for (int i = 0; i < rows; i++)
+            write_sums(sums[i][s], bias ? bias + q[s] * PANEL : NULL, out + i * n + q[s] * PANEL,
+                       min64(n - q[s] * PANEL, PANEL));
 }
 
 /* Panels [first, last) cut into `count` parts that are read side by side. */
@@ -153,11 +152,6 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
     for (int64_t item = 0; item < blocks * panels * groups; item++) {
         const int64_t q = item / groups % panels, group = item % groups, width = min64(n - q * PANEL, PANEL);
         const float *panel = packed + q * k * PANEL, *b = bias ? bias + q * PANEL : NULL;
-        float bias_part[PANEL] = {0};
-        if (b && width < PANEL) {  /* the bias is not padded: no read past its end */
-            memcpy(bias_part, b, width * sizeof(float));
-            b = bias_part;
-        }
         const int64_t first = (item / (groups * panels) * groups + group) * tiles_per_group;
         for (int64_t t = first; t < first + tiles_per_group && t < row_tiles; t++) {
             const int64_t r = t * ROWS, line = (t - first) * LINE_FLOATS;
