@@ -40,6 +40,17 @@ def paged_case(heads: int, kv_heads: int, head_dim: int, block_size: int, length
     return q, cache, torch.tensor(tables), torch.tensor(lengths)
 
 
+def decode_case(heads: int, kv_heads: int, head_dim: int, block_size: int):
+    """A decode batch of lengths around the block size and the vector width, and the PyTorch path's output."""
+    lengths = [1, 2, block_size, block_size + 1, 37, 300]
+    q, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
+    reference = PagedAttention(heads, kv_heads, head_dim)
+    meta = AttentionMetadata(query_lens=[1] * len(lengths), context_lens=lengths, num_prefills=0,
+                             slot_mapping=torch.zeros(len(lengths), dtype=torch.long), block_tables=tables,
+                             decode_context_lens=lens)
+    return (q, cache, tables, lens, reference.scale), reference._decode(q, cache, tables, meta.decode_mask)
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
     (9, 3, 64, 16),  # SmolLM2
     (4, 4, 32, 1),  # no grouping, one token per block
@@ -48,26 +59,20 @@ def paged_case(heads: int, kv_heads: int, head_dim: int, block_size: int, length
     (64, 8, 128, 16),  # a 70B model's heads: the per-thread arrays are largest
 ])
 def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
-    lengths = [1, 2, block_size, block_size + 1, 37, 300]
-    q, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
-    reference = PagedAttention(heads, kv_heads, head_dim)
-    meta = AttentionMetadata(query_lens=[1] * len(lengths), context_lens=lengths, num_prefills=0,
-                             slot_mapping=torch.zeros(len(lengths), dtype=torch.long), block_tables=tables,
-                             decode_context_lens=lens)
-    expected = reference._decode(q, cache, tables, meta.decode_mask)
+    (q, cache, tables, lens, scale), expected = decode_case(heads, kv_heads, head_dim, block_size)
     kernel = compile_kernels(heads, kv_heads, head_dim).paged_decode
-    torch.testing.assert_close(kernel(q, cache, tables, lens, reference.scale), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(q, cache, tables, lens, scale), expected, rtol=1e-5, atol=1e-5)
     # A non-contiguous query (as the model's split makes it) and a slice of the block tables read right.
     wide = torch.cat([q, q], dim=-1)[1:, :, :head_dim]
-    torch.testing.assert_close(kernel(wide, cache, tables[1:], lens[1:], reference.scale), expected[1:])
+    torch.testing.assert_close(kernel(wide, cache, tables[1:], lens[1:], scale), expected[1:])
     with pytest.raises(ValueError, match="6 queries, 5 block tables and 5 lengths"):
-        kernel(q, cache, tables[1:], lens[1:], reference.scale)
+        kernel(q, cache, tables[1:], lens[1:], scale)
     with pytest.raises(ValueError, match="compiled for"):
-        kernel(q.double(), cache.double(), tables, lens, reference.scale)
+        kernel(q.double(), cache.double(), tables, lens, scale)
     with pytest.raises(ValueError, match="compiled for"):
-        kernel(q, cache, tables.int(), lens, reference.scale)
+        kernel(q, cache, tables.int(), lens, scale)
     with pytest.raises(ValueError, match="compiled for"):
-        kernel(q, cache[:1], tables, lens, reference.scale)
+        kernel(q, cache[:1], tables, lens, scale)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
@@ -182,8 +187,9 @@ def test_linear_kernel_takes_any_leading_shape_and_refuses_bad_inputs():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 vector extensions")
 @pytest.mark.parametrize("flag,panel", [("-mno-avx512f", 16), ("-mno-avx", 8)])
-def test_linear_kernel_on_narrower_vectors(monkeypatch, flag, panel):
-    """Machines without AVX-512 (or AVX) get narrower panels and fewer rows per tile from the same source."""
+def test_kernels_on_narrower_vectors(monkeypatch, flag, panel):
+    """Machines without AVX-512 (or AVX) get narrower panels, fewer rows per tile and a shorter tree of lane sums
+    from the same source."""
     monkeypatch.setenv("CC", f"gcc {flag}")
     kernel = compile_kernels(4, 2, 16).linear
     assert kernel.panel == panel
@@ -191,6 +197,10 @@ def test_linear_kernel_on_narrower_vectors(monkeypatch, flag, panel):
         x, weight, b = linear_inputs(rows, outputs, inputs, bias)
         torch.testing.assert_close(kernel(x, kernel.pack(weight), b, outputs), F.linear(x, weight, b),
                                    rtol=1e-4, atol=1e-4)
+    for heads, kv_heads, head_dim, block_size in [(9, 3, 64, 16), (6, 1, 36, 5)]:
+        inputs, expected = decode_case(heads, kv_heads, head_dim, block_size)
+        attention = compile_kernels(heads, kv_heads, head_dim).paged_decode
+        torch.testing.assert_close(attention(*inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 def random_llama(heads: int, kv_heads: int, head_dim: int, bias: bool) -> LlamaForCausalLM:
