@@ -56,14 +56,15 @@ static inline void write_sums(const vec *sums, const float *bias, float *out, in
 }
 
 /* `rows` (a constant once inlined) rows of x against one panel: out[rows, width] for the panel's first `width`
-   columns. Prefetches `lines` cache lines of each row of `next`, the panel to come. */
+   columns. Prefetches `lines` cache lines from `next` on, spread evenly over the panel's rows. */
 static inline __attribute__((always_inline)) void tile(const int rows, const float *x, int64_t k,
         const float *panel, const float *bias, float *out, int64_t out_stride, int64_t width, const float *next,
-        const int lines) {
+        const int64_t lines) {
     vec sums[ROWS][VECS] = {{{0}}};
+    int64_t due = 0;
     for (int64_t p = 0; p < k; p++) {
         const float *w = panel + p * PANEL;
-        for (int l = 0; l < lines; l++) __builtin_prefetch(next + p * PANEL + l * LINE_FLOATS, 0, 3);
+        for (due += lines; due >= k; due -= k, next += LINE_FLOATS) __builtin_prefetch(next, 0, 3);
         vec ws[VECS];
         for (int j = 0; j < VECS; j++) ws[j] = load(w + j * VEC);
         for (int i = 0; i < rows; i++) {
@@ -152,14 +153,17 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
     for (int64_t item = 0; item < blocks * panels * groups; item++) {
         const int64_t q = item / groups % panels, group = item % groups, width = min64(n - q * PANEL, PANEL);
         const float *panel = packed + q * k * PANEL, *b = bias ? bias + q * PANEL : NULL;
-        const int64_t first = (item / (groups * panels) * groups + group) * tiles_per_group;
+        const int64_t block_first = item / (groups * panels) * groups * tiles_per_group;
+        const int64_t block_tiles = min64(row_tiles - block_first, groups * tiles_per_group);
+        const int64_t first = block_first + group * tiles_per_group;
+        /* The block's tiles on this panel share the fetching of the next one, each a stretch of its lines: a
+           steady trickle of prefetches rather than bursts that fill the core's queue of misses. */
+        const int64_t next_lines = q + 1 == panels ? 0 : k * PANEL / LINE_FLOATS;
         for (int64_t t = first; t < first + tiles_per_group && t < row_tiles; t++) {
-            const int64_t r = t * ROWS, line = (t - first) * LINE_FLOATS;
-            /* The first group on a panel fetches the next panel: one cache line of its rows per row tile, all
-               of them when the group has one tile. */
-            const int lines = group > 0 || q + 1 == panels || line >= PANEL ? 0
-                              : row_tiles == 1 ? PANEL / LINE_FLOATS : 1;
-            const float *next = panel + k * PANEL + line, *xr = x + r * k;
+            const int64_t r = t * ROWS, share = t - block_first;
+            const int64_t from = share * next_lines / block_tiles, to = (share + 1) * next_lines / block_tiles;
+            const float *next = panel + k * PANEL + from * LINE_FLOATS, *xr = x + r * k;
+            const int64_t lines = to - from;
             float *o = out + r * n + q * PANEL;
 #define TILE(R) case R: tile(R, xr, k, panel, b, o, n, width, next, lines); break;
             switch (min64(m - r, ROWS)) {
