@@ -146,20 +146,20 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
         return;
     }
     const int64_t panels = (n + PANEL - 1) / PANEL, row_tiles = (m + ROWS - 1) / ROWS;
-    const int64_t tiles_per_group = 4, max_groups = BLOCK_TILES / tiles_per_group;
-    const int64_t groups = min64((row_tiles + tiles_per_group - 1) / tiles_per_group, max_groups);
-    const int64_t blocks = (row_tiles + groups * tiles_per_group - 1) / (groups * tiles_per_group);
+    /* Blocks of equal size (an uneven last block would leave a thread idle under the static schedule). */
+    const int64_t blocks = (row_tiles + BLOCK_TILES - 1) / BLOCK_TILES, block_size = (row_tiles + blocks - 1) / blocks;
+    const int64_t tiles_per_group = 4, groups = (block_size + tiles_per_group - 1) / tiles_per_group;
     #pragma omp parallel for schedule(static) num_threads(num_threads) if (m * n * k >= 1 << 18)
     for (int64_t item = 0; item < blocks * panels * groups; item++) {
         const int64_t q = item / groups % panels, group = item % groups, width = min64(n - q * PANEL, PANEL);
         const float *panel = packed + q * k * PANEL, *b = bias ? bias + q * PANEL : NULL;
-        const int64_t block_first = item / (groups * panels) * groups * tiles_per_group;
-        const int64_t block_tiles = min64(row_tiles - block_first, groups * tiles_per_group);
+        const int64_t block_first = item / (groups * panels) * block_size;
+        const int64_t block_tiles = min64(row_tiles - block_first, block_size);
         const int64_t first = block_first + group * tiles_per_group;
         /* The block's tiles on this panel share the fetching of the next one, each a stretch of its lines: a
            steady trickle of prefetches rather than bursts that fill the core's queue of misses. */
         const int64_t next_lines = q + 1 == panels ? 0 : k * PANEL / LINE_FLOATS;
-        for (int64_t t = first; t < first + tiles_per_group && t < row_tiles; t++) {
+        for (int64_t t = first; t < first + tiles_per_group && t < block_first + block_tiles; t++) {
             const int64_t r = t * ROWS, share = t - block_first;
             const int64_t from = share * next_lines / block_tiles, to = (share + 1) * next_lines / block_tiles;
             const float *next = panel + k * PANEL + from * LINE_FLOATS, *xr = x + r * k;
