@@ -53,6 +53,13 @@ def _raise_for(status: int) -> None:
         raise kind(message)
 
 
+def _is_cache(cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `cache` is a KV cache as the kernels were compiled for: [2, blocks, block_size, kv heads, head_dim],
+    float32, on the CPU, contiguous."""
+    return cache.dtype == torch.float32 and cache.is_cpu and cache.dim() == 5 and cache.is_contiguous() \
+        and (cache.shape[0], *cache.shape[3:]) == (2, num_kv_heads, head_dim)
+
+
 class PagedDecodeKernel:
     """(q [seqs, heads, head_dim], cache, block_tables, context_lens, scale) -> [seqs, heads, head_dim]."""
 
@@ -78,14 +85,15 @@ class PagedDecodeKernel:
         Lengths and block ids are checked by the kernel itself."""
         if not len(q) == len(block_tables) == len(context_lens):
             raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
-        expected = ((self.num_heads, self.head_dim), (2, self.num_kv_heads, self.head_dim))
-        got = (tuple(q.shape[1:]), (cache.shape[0], *cache.shape[3:])) if cache.dim() == 5 else (q.shape, cache.shape)
-        tensors = (q, cache, block_tables, context_lens)
-        types = tuple(t.dtype for t in tensors)
-        if got != expected or types != (torch.float32, torch.float32, torch.int64, torch.int64) \
-                or not all(t.is_cpu for t in tensors) or not cache.is_contiguous():
-            raise ValueError(f"the kernel runs float32 on the CPU on a contiguous cache, compiled for query heads "
-                             f"and cache {expected}; got {got}, {types}, cache contiguous: {cache.is_contiguous()}")
+        if q.dtype != torch.float32 or not q.is_cpu or q.shape[1:] != (self.num_heads, self.head_dim) \
+                or not _is_cache(cache, self.num_kv_heads, self.head_dim) \
+                or (block_tables.dtype, context_lens.dtype) != (torch.int64, torch.int64) \
+                or not (block_tables.is_cpu and context_lens.is_cpu):
+            raise ValueError(f"the kernel runs float32 on the CPU, compiled for {self.num_heads} query heads and a "
+                             f"contiguous cache of {self.num_kv_heads} KV heads of {self.head_dim}, with int64 block "
+                             f"tables and lengths; got q {tuple(q.shape)} {q.dtype}, cache {tuple(cache.shape)} "
+                             f"{cache.dtype} (contiguous: {cache.is_contiguous()}), {block_tables.dtype} block tables, "
+                             f"{context_lens.dtype} lengths")
 
 
 class RMSNormKernel:
@@ -227,9 +235,8 @@ class BoundLlamaLayer:
         slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.decode_context_lens
         if x.dtype != torch.float32 or not x.is_cpu or x.shape != (seqs, self.weights.hidden) \
                 or not x.is_contiguous() or rotation.shape != (seqs, 1, kernel.head_dim // 2, 2) \
-                or not rotation.is_contiguous() or cache.dtype != torch.float32 or not cache.is_cpu \
-                or cache.dim() != 5 or (cache.shape[0], *cache.shape[3:]) != (2, kernel.num_kv_heads, kernel.head_dim) \
-                or not cache.is_contiguous() or meta.num_prefills != 0 or slots.shape != (seqs,) \
+                or not rotation.is_contiguous() or not _is_cache(cache, kernel.num_kv_heads, kernel.head_dim) \
+                or meta.num_prefills != 0 or slots.shape != (seqs,) \
                 or lens.shape != (seqs,) or tables.dim() != 2 or len(tables) != seqs \
                 or (slots.dtype, tables.dtype, lens.dtype) != (torch.int64,) * 3 \
                 or not (slots.is_contiguous() and tables.is_contiguous() and lens.is_contiguous()):
