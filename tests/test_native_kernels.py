@@ -56,6 +56,7 @@ def decode_case(heads: int, kv_heads: int, head_dim: int, block_size: int):
     (4, 4, 32, 1),  # no grouping, one token per block
     (8, 2, 128, 16),
     (6, 1, 48, 32),  # multi-query, a head size that is no power of two
+    (6, 2, 36, 5),  # a head that ends in a partial vector, blocks that are no multiple of the vector width
     (64, 8, 128, 16),  # a 70B model's heads: the per-thread arrays are largest
 ])
 def test_kernel_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):

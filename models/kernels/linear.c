@@ -56,12 +56,12 @@ static inline void write_sums(const vec *sums, const float *bias, float *out, in
 }
 
 /* `rows` (a constant once inlined) rows of x against one panel: out[rows, width] for the panel's first `width`
-   columns. Prefetches `lines` cache lines from `next` on, spread evenly over the panel's rows. */
+   columns. Prefetches `lines` cache lines from `next` on, spread evenly over the k steps. */
 static inline __attribute__((always_inline)) void tile(const int rows, const float *x, int64_t k,
         const float *panel, const float *bias, float *out, int64_t out_stride, int64_t width, const float *next,
         const int64_t lines) {
     vec sums[ROWS][VECS] = {{{0}}};
-    int64_t due = 0;
+    int64_t due = 0;  /* lines * (steps so far) - k * (lines prefetched): one more is due each time it reaches k */
     for (int64_t p = 0; p < k; p++) {
         const float *w = panel + p * PANEL;
         for (due += lines; due >= k; due -= k, next += LINE_FLOATS) __builtin_prefetch(next, 0, 3);
@@ -146,15 +146,16 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
         return;
     }
     const int64_t panels = (n + PANEL - 1) / PANEL, row_tiles = (m + ROWS - 1) / ROWS;
-    /* Blocks of equal size (an uneven last block would leave a thread idle under the static schedule). */
-    const int64_t blocks = (row_tiles + BLOCK_TILES - 1) / BLOCK_TILES, block_size = (row_tiles + blocks - 1) / blocks;
-    const int64_t tiles_per_group = 4, groups = (block_size + tiles_per_group - 1) / tiles_per_group;
+    /* Blocks of as many tiles as can be (a short last block would leave a thread idle under the static schedule):
+       block b holds tiles [b * row_tiles / blocks, (b + 1) * row_tiles / blocks). */
+    const int64_t blocks = (row_tiles + BLOCK_TILES - 1) / BLOCK_TILES, most_tiles = (row_tiles + blocks - 1) / blocks;
+    const int64_t tiles_per_group = 4, groups = (most_tiles + tiles_per_group - 1) / tiles_per_group;
     #pragma omp parallel for schedule(static) num_threads(num_threads) if (m * n * k >= 1 << 18)
     for (int64_t item = 0; item < blocks * panels * groups; item++) {
         const int64_t q = item / groups % panels, group = item % groups, width = min64(n - q * PANEL, PANEL);
         const float *panel = packed + q * k * PANEL, *b = bias ? bias + q * PANEL : NULL;
-        const int64_t block_first = item / (groups * panels) * block_size;
-        const int64_t block_tiles = min64(row_tiles - block_first, block_size);
+        const int64_t block = item / (groups * panels), block_first = block * row_tiles / blocks;
+        const int64_t block_tiles = (block + 1) * row_tiles / blocks - block_first;
         const int64_t first = block_first + group * tiles_per_group;
         /* The block's tiles on this panel share the fetching of the next one, each a stretch of its lines: a
            steady trickle of prefetches rather than bursts that fill the core's queue of misses. */

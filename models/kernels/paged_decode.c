@@ -63,7 +63,7 @@ static struct token_walk walk_from(const int64_t *table, int64_t block_size, int
 }
 
 /* The next token's offset in the pool's keys or values, in floats. */
-static inline int64_t next_token(struct token_walk *w) {
+static inline int64_t next_offset(struct token_walk *w) {
     const int64_t slot = w->table[w->block] * w->block_size + w->offset;
     if (++w->offset == w->block_size) w->offset = 0, w->block++;
     return slot * TOKEN_STRIDE;
@@ -116,12 +116,12 @@ static int attend(const float *qs, const float *keys, const float *values, const
     for (int h = 0; h < HEADS; h++)
         UNROLLED for (int c = 0; c < CHUNKS; c++) q[h][c] = load_chunk(qs + h * HEAD_DIM, c);
     struct token_walk walk = walk_from(table, block_size, begin), ahead = walk;
-    for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(keys + next_token(&ahead));
+    for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(keys + next_offset(&ahead));
     for (int64_t first = 0; first < len; first += VEC) {
         vec products[HEADS][VEC];  /* per head and token, the lanes whose sum is the score */
         for (int i = 0; i < VEC; i++) {
-            const float *k = first + i < len ? keys + next_token(&walk) : NULL;
-            if (first + i + AHEAD < len) prefetch_token(keys + next_token(&ahead));
+            const float *k = first + i < len ? keys + next_offset(&walk) : NULL;
+            if (first + i + AHEAD < len) prefetch_token(keys + next_offset(&ahead));
             UNROLLED for (int g = 0; g < KV_HEADS; g++) {
                 vec kc[CHUNKS];
                 UNROLLED for (int c = 0; c < CHUNKS; c++) kc[c] = k ? load_chunk(k + g * HEAD_DIM, c) : (vec){0};
@@ -147,10 +147,10 @@ static int attend(const float *qs, const float *keys, const float *values, const
     }
     vec sums[HEADS][CHUNKS] = {{{0}}};
     walk = ahead = walk_from(table, block_size, begin);
-    for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(values + next_token(&ahead));
+    for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(values + next_offset(&ahead));
     for (int64_t t = 0; t < len; t++) {
-        const float *v = values + next_token(&walk);
-        if (t + AHEAD < len) prefetch_token(values + next_token(&ahead));
+        const float *v = values + next_offset(&walk);
+        if (t + AHEAD < len) prefetch_token(values + next_offset(&ahead));
         UNROLLED for (int g = 0; g < KV_HEADS; g++)
             UNROLLED for (int c = 0; c < CHUNKS; c++) {
                 const vec vc = load_chunk(v + g * HEAD_DIM, c);
