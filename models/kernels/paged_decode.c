@@ -75,7 +75,9 @@ static inline void prefetch_token(const float *token) {
 
 /* Sums of the lanes of VEC vectors at once, with shuffles (a transpose and add) where one vector's lanes would
    take LEVELS shuffles and adds of their own: each level pairs up the vectors and halves the lanes that each one
-   gives to a vector of the pair, until one vector holds every sum, in bit-reversed order, which `order` undoes. */
+   gives to a vector of the pair, until one vector holds every sum, in bit-reversed order, which `order` undoes.
+   The index vectors are built once per call and kept in registers (computed inside the loop, GCC did not fold
+   them into constants: the kernel ran at half speed). */
 struct lane_sums { lanes low[LEVELS], high[LEVELS], order; };
 
 static struct lane_sums plan_lane_sums(void) {
