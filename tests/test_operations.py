@@ -61,9 +61,10 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429_forever(small):
 
 
 def test_a_queued_stream_gets_keep_alive_pings(small):
-    """Two long requests hold both sequence slots; a third stream waits in the queue, and says so."""
+    """Two long requests hold both sequence slots; a third stream waits in the queue, and says so. The holders
+    run for seconds (2 x 40 tokens took under a second once decoding got faster: too few pings to count)."""
     def hold():
-        httpx.post(f"{small}/v1/completions", json=completion(max_tokens=40, ignore_eos=True), timeout=120)
+        httpx.post(f"{small}/v1/completions", json=completion(max_tokens=200, ignore_eos=True), timeout=120)
     holders = [threading.Thread(target=hold) for _ in range(2)]
     for t in holders:
         t.start()
