@@ -1,7 +1,20 @@
-/* What the kernels call of each other, and the status codes they return (see `models/native.py`). */
+/* What the kernels call of each other, the status codes they return (see `models/native.py`) and the vector type
+   they share. */
 #include <stdint.h>
 
 enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT };
+
+/* The widest float vectors of the target, for GCC's vector extensions: VEC floats each. */
+#if defined(__AVX512F__)
+#define VEC 16
+#elif defined(__AVX__)
+#define VEC 8
+#else
+#define VEC 4
+#endif
+typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
             int num_threads);

@@ -13,30 +13,20 @@
 #include <omp.h>
 #endif
 
-/* Vector width and rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums
-   in AVX2's 16. Two rows of four panels side by side keep 16 sums: AVX-512 only. */
-#if defined(__AVX512F__)
-#define VEC 16
+/* Rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums in AVX2's 16. Two
+   rows of four panels side by side keep 16 sums: AVX-512 only. */
+#if VEC == 16
 #define ROWS 12
 #define FEW_ROWS 4 /* up to this many rows a product is bound by memory and reads panels side by side (few_rows) */
-#elif defined(__AVX__)
-#define VEC 8
+#else
 #define ROWS 6
 #define FEW_ROWS 1 /* with 16 registers, more rows side by side were no faster than the tiles (or spilled) */
-#else
-#define VEC 4
-#define ROWS 6
-#define FEW_ROWS 1
 #endif
 #define VECS 2
 #define PANEL (VEC * VECS)
 #define BLOCK_TILES 16 /* row tiles in a block of rows: 192 rows of 576 floats take 442 KB of L2 */
 #define LINE_FLOATS 16 /* a 64-byte cache line */
 #define STREAMS 4      /* panels read at once for one row (measured best of 2, 4 and 8), fewer for more rows */
-
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
 
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }

@@ -22,18 +22,7 @@ static int sequence_problem(int64_t len, const int64_t *table, int64_t table_wid
     return OK;
 }
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-#if defined(__AVX512F__)
-#define VEC 16
-#define LEVELS 4 /* log2(VEC) */
-#elif defined(__AVX__)
-#define VEC 8
-#define LEVELS 3
-#else
-#define VEC 4
-#define LEVELS 2
-#endif
+#define LEVELS (VEC == 16 ? 4 : VEC == 8 ? 3 : 2) /* log2(VEC) */
 #define CHUNKS ((HEAD_DIM + VEC - 1) / VEC) /* vectors per head; the last one holds TAIL floats of it */
 #define TAIL (HEAD_DIM - (CHUNKS - 1) * VEC)
 /* Tokens whose keys (or values) are prefetched ahead of the one in use: a sequence's blocks lie anywhere in the
@@ -41,7 +30,6 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 #define AHEAD 12
 #define UNROLLED _Pragma("GCC unroll 16") /* loops of a few fixed steps over vectors, so they stay in registers */
 
-typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t lanes __attribute__((vector_size(VEC * sizeof(int32_t))));
 
 /* Chunk c of a head (zeros past the head's end), and back. */
