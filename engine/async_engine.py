@@ -56,14 +56,19 @@ class AsyncLLMEngine:
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             log.exception("engine loop died")
             self.error = exc
-            dead = EngineDeadError(f"the engine stopped: {exc}")
-            for request_id in list(self._streams):
-                self._deliver(request_id, dead)
-            while not self._inbox.empty():  # requests never added: their callers wait on the add
-                kind, _, payload = self._inbox.get_nowait()
-                if kind == "add" and payload[2].set_running_or_notify_cancel():
-                    payload[2].set_exception(dead)
+            self._fail_waiters(EngineDeadError(f"the engine stopped: {exc}"))
             self.died.set_result(exc)
+        else:
+            self._fail_waiters(EngineDeadError("the engine was stopped"))
+
+    def _fail_waiters(self, error: EngineDeadError) -> None:
+        """End every stream and every add still queued with `error`: nothing else will answer them."""
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+        while not self._inbox.empty():
+            kind, _, payload = self._inbox.get_nowait()
+            if kind == "add" and payload[2].set_running_or_notify_cancel():
+                payload[2].set_exception(error)
 
     def _handle(self, message) -> None:
         if message is None:
@@ -84,8 +89,9 @@ class AsyncLLMEngine:
             future.set_exception(exc)
 
     def _deliver(self, request_id: str, item) -> None:
-        if request_id in self._streams:
-            loop, stream = self._streams[request_id]
+        entry = self._streams.get(request_id)  # one lookup: the consumer may remove it meanwhile
+        if entry is not None:
+            loop, stream = entry
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -94,6 +100,8 @@ class AsyncLLMEngine:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:  # before its stream replaced the running request's
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         added: Future = Future()

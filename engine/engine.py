@@ -21,6 +21,10 @@ from models.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
+class RequestTooLong(ValueError):
+    """A prompt and its max_tokens that together exceed the context length or the whole KV cache."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -45,7 +49,7 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        max_tokens = self._check_fits(ids, params)
+        max_tokens = self.check_request(ids, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
@@ -55,7 +59,9 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, ids: list[int], params: SamplingParams) -> int:
+        """The request's max_tokens (all that fits when it has none), or a ValueError naming why it can never
+        run (`RequestTooLong` when it does not fit). Reads only what never changes: any thread may call it."""
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -63,14 +69,13 @@ class LLMEngine:
             if bad := [t for t in tokens if not 0 <= t < vocab]:
                 raise ValueError(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
         cache_tokens = self.pool.num_blocks * self.config.block_size
-        max_tokens = params.max_tokens or min(self.max_model_len, cache_tokens) - len(ids)  # None: all that fits
-        total = len(ids) + max_tokens
-        limits = ((self.max_model_len, "the model's context length"), (cache_tokens, "the KV cache's capacity"))
-        for limit, what in limits:
-            if total > limit or max_tokens < 1:
-                raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
-                                 f"{total}, over {what} of {limit} tokens")
-        return max_tokens
+        wanted = len(ids) + (params.max_tokens or 1)
+        for limit, what in ((self.max_model_len, "the model's maximum context length"),
+                            (cache_tokens, "the KV cache's capacity")):
+            if wanted > limit:
+                asked = f" and max_tokens is {params.max_tokens}, {wanted} in all" if params.max_tokens else ""
+                raise RequestTooLong(f"the prompt has {len(ids)} tokens{asked}: over {what} of {limit} tokens")
+        return params.max_tokens or min(self.max_model_len, cache_tokens) - len(ids)
 
     def warm_up(self) -> None:
         """One real forward pass (and sampling), so that the first request does not pay for lazy set-up."""

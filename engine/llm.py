@@ -28,7 +28,14 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:  # a refused prompt refuses the call: none of its prompts stays queued
+                self.engine.abort(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             finished.update((out.request_id, out) for out in self.engine.step() if out.finished)

@@ -1,6 +1,9 @@
 """Sampling parameters, named as vLLM names them, validated when built."""
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily, as vLLM has it: the logits divided by them overflow float32.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -26,7 +29,8 @@ class SamplingParams:
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be a whole number >= 1, or 0 or -1 for no limit, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
@@ -42,4 +46,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

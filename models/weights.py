@@ -1,5 +1,5 @@
 """Filling a model's parameters from checkpoint tensors named as in Hugging Face checkpoints."""
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     into the pairs the rotary embedding works on.
     """
     params = dict(model.named_parameters())
-    missing = set(params)
+    loaded = set()
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
@@ -29,11 +29,21 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         if proj in fused:
             target, shard = fused[proj]
             model.get_submodule(f"{module}.{target}").load_shard(shard, attr, tensor)
-            missing.discard(f"{module}.{target}.{attr}")
-            continue
-        if name not in params:
+        elif name in params:
+            params[name].data.copy_(tensor)
+        else:
             raise ValueError(f"unexpected tensor {name!r} in checkpoint")
-        params[name].data.copy_(tensor)
-        missing.discard(name)
-    if missing:
-        raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:5]}")
+        loaded.add(name)
+    if missing := sorted(set(_checkpoint_names(params, fused)) - loaded):
+        raise ValueError(f"checkpoint lacks tensors: {missing[:5]}")
+
+
+def _checkpoint_names(params: dict[str, nn.Parameter], fused: dict[str, tuple[str, int]]) -> Iterator[str]:
+    """The checkpoint tensors that fill `params`: a fused parameter takes one from each projection it holds."""
+    projections: dict[str, list[str]] = {}
+    for proj, (target, _) in fused.items():
+        projections.setdefault(target, []).append(proj)
+    for name in params:
+        module_path, _, attr = name.rpartition(".")
+        module, _, child = module_path.rpartition(".")
+        yield from ([f"{module}.{proj}.{attr}" for proj in projections[child]] if child in projections else [name])

@@ -64,15 +64,24 @@ def choose_template(override: str | None, model_template: str | None, architectu
     return load_template(BY_ARCHITECTURE[architecture]) if architecture in BY_ARCHITECTURE else None
 
 
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # set by the server, not by kwargs
+
+
 def render(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str = "",
-           eos_token: str = "", **kwargs) -> str:
-    """Render a conversation. Keys whose value is None are dropped, as transformers does."""
+           eos_token: str = "", extra: dict | None = None) -> str:
+    """Render a conversation, with `extra` variables for the template (a request's chat_template_kwargs).
+    Keys whose value is None are dropped, as transformers does."""
+    extra = extra or {}
     if template is None:
         raise ChatTemplateError("this model has no chat template; start the server with --chat-template")
+    if clash := [name for name in RESERVED if name in extra]:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}")
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
         return _environment().from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-            eos_token=eos_token, **kwargs)
-    except TemplateError as exc:  # also undefined variables and sandbox violations
-        raise ChatTemplateError(f"chat template error: {exc}") from exc
+            eos_token=eos_token, **extra)
+    except Exception as exc:  # noqa: BLE001 - Jinja's errors, undefined names, sandbox violations, and the
+        # Python errors of a template's own operations on the request's values ("a" + 1): all the request's 400
+        detail = exc if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
+        raise ChatTemplateError(f"chat template error: {detail}") from exc

@@ -19,11 +19,17 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-# OpenAI parameters this server does not implement yet, with the values that mean "not used".
-NOT_YET_SUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,), "best_of": (None, 1),
-            "suffix": (None,), "logit_bias": (None, {}), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-            "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
-            "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"})}
+# OpenAI parameters this server does not implement yet, with the values besides null that mean "not used".
+NOT_YET_SUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": (),
+                     "logit_bias": ({},), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "tools": ([],),
+                     "tool_choice": ("none",), "functions": ([],), "function_call": (), "parallel_tool_calls": (),
+                     "response_format": ({"type": "text"},)}
+
+
+def _unused(value, unused_values: tuple) -> bool:
+    """Null, or a value that leaves the parameter off, compared with its type: `logprobs: 0` asks for the sampled
+    token's log-probability, and 0 == False."""
+    return value is None or any(type(value) is type(unused) and value == unused for unused in unused_values)
 
 
 class SamplingFields(StrictModel):
@@ -37,8 +43,8 @@ class SamplingFields(StrictModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = 0
-    frequency_penalty: float | None = 0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -57,7 +63,7 @@ class SamplingFields(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         used = [name for name, unused in NOT_YET_SUPPORTED.items()
-                if name in type(self).model_fields and getattr(self, name) not in unused]
+                if name in type(self).model_fields and not _unused(getattr(self, name), unused)]
         if used:
             raise ValueError(f"not supported yet: {', '.join(used)}")
         if self.stream_options is not None and not self.stream:
@@ -107,10 +113,10 @@ class ChatMessage(StrictModel):
     content: str | list[TextPart]  # null only goes with tool calls, which are not supported yet
     name: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content
+    def for_template(self) -> dict:
+        """The message as chat templates read it: text parts joined, and the speaker's name when it has one."""
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": content, "name": self.name}
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,12 +1,14 @@
 """From OpenAI requests to engine requests and back: prompts, limits, responses and stream chunks."""
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
-from engine.outputs import RequestOutput
+from engine.engine import RequestTooLong
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.params import SamplingParams
 from server import chat
 from server.config import ServerConfig
@@ -55,27 +57,30 @@ class Served:
                            param) from exc
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
-    def chat_prompt_ids(self, messages, add_generation_prompt: bool, **kwargs) -> list[int]:
+    def chat_prompt_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None = None) -> list[int]:
         """The conversation rendered and tokenized without adding special tokens: the template wrote BOS
         itself. A template error is the client's 400."""
         tok = self.tokenizer
         special = lambda i: tok.token_text(i) if i is not None else ""  # noqa: E731
         try:
-            text = chat.render(self.chat_template, [{"role": m.role, "content": m.text()} for m in messages],
+            text = chat.render(self.chat_template, [m.for_template() for m in messages],
                                add_generation_prompt, special(tok.bos_token_id),
-                               special(tok.eos_token_ids[0] if tok.eos_token_ids else None), **kwargs)
+                               special(tok.eos_token_ids[0] if tok.eos_token_ids else None), template_kwargs)
         except chat.ChatTemplateError as exc:
             raise ApiError(400, str(exc), "invalid_chat_template", "messages") from exc
         return self.encode(text, add_special_tokens=False, param="messages")
 
-    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams, param: str) -> None:
+        """The engine's own checks, run before any response starts: a refused stream is a 400, not an error
+        event after a 200."""
         if not ids:
             raise ApiError(400, "the prompt is empty", "invalid_prompt", param)
-        wanted = len(ids) + (max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens; the "
-                                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}, {wanted} in all",
-                           "context_length_exceeded", param)
+        try:
+            self.engine.engine.check_request(ids, params)
+        except RequestTooLong as exc:
+            raise ApiError(400, str(exc), "context_length_exceeded", param) from exc
+        except ValueError as exc:  # the message names the field: the prompt's ids or stop_token_ids
+            raise ApiError(400, str(exc), "invalid_request") from exc
 
     def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
               timeout: float | None) -> "Run":
@@ -127,7 +132,7 @@ class Run:
         while (self.waiting or self.generated) and not self.closed:
             try:
                 index, item = await asyncio.wait_for(self.queue.get(), self._quiet_time())
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
                 if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline:
                     raise ApiError(408, f"the request did not finish within its timeout of {self.timeout:g} s",
                                    "request_timeout") from None
@@ -207,17 +212,23 @@ class Exchange:
         for index, out in enumerate(outputs):
             c = out.outputs[0]
             body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
-            choices.append({"index": index, **body, "logprobs": None, "finish_reason": c.finish_reason})
+            choices.append({"index": index, **body, "logprobs": None, **_reasons(c)})
         return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(outputs)}
 
-    def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(self, index: int, text: str | None, final: CompletionOutput | None = None, role: bool = False,
+              include_usage: bool = False) -> str:
+        """One choice's delta; `final` (its finished output) adds the finish and stop reasons. With
+        include_usage every chunk but the last carries `"usage": null`, as OpenAI sends them."""
+        finish = {"finish_reason": None} if final is None else _reasons(final)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return sse({**self._base("chat.completion.chunk"), "choices": [choice]})
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return sse({**self._base("text_completion"), "choices": [choice]})
+            choice = {"index": index, "delta": delta, "logprobs": None, **finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, **finish}
+        usage_field = {"usage": None} if include_usage else {}
+        return sse({**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice],
+                    **usage_field})
 
     def usage_chunk(self, outputs: list[RequestOutput]) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -228,10 +239,11 @@ class Exchange:
         """SSE events: deltas of text that is safe to show, a finish_reason per choice, usage, [DONE]; a
         `: ping` comment whenever the engine was silent for a while (queued, or a long prefill)."""
         sent, finals = [""] * count, [None] * count
+        chunk = functools.partial(self.chunk, include_usage=include_usage)
         try:
             if self.chat:
                 for index in range(count):
-                    yield self.chunk(index, None, role=True)
+                    yield chunk(index, None, role=True)
             async for item in outputs:
                 if item is None:
                     yield ": ping\n\n"
@@ -241,10 +253,10 @@ class Exchange:
                 delta = c.text[len(sent[index]):]
                 sent[index] = c.text
                 if delta:
-                    yield self.chunk(index, delta)
+                    yield chunk(index, delta)
                 if out.finished:
                     finals[index] = out
-                    yield self.chunk(index, None if self.chat else "", c.finish_reason)
+                    yield chunk(index, None, c)
             if include_usage:
                 yield self.usage_chunk(finals)
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
@@ -254,22 +266,28 @@ class Exchange:
         yield "data: [DONE]\n\n"
 
 
+def _reasons(output: CompletionOutput) -> dict:
+    """Why a choice ended: OpenAI's finish_reason, and vLLM's stop_reason (the stop string or token id that
+    ended it, null for EOS and length)."""
+    return {"finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+
+
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-    prompts = [served.encode(p) for p in req.prompts()]
+    prompts, params = [served.encode(p) for p in req.prompts()], _params(req, req.max_tokens)
     for ids in prompts:
-        served.check_length(ids, req.max_tokens, "prompt")
-    return prompts, _params(req, req.max_tokens)
+        served.check_fits(ids, params, "prompt")
+    return prompts, params
 
 
 def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
-    param = "max_completion_tokens" if req.max_completion_tokens else "messages"
-    served.check_length(ids, req.token_limit(), param)
-    return [ids], _params(req, req.token_limit())
+    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    params = _params(req, req.token_limit())
+    served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages")
+    return [ids], params
 
 
 def _params(req, max_tokens: int | None) -> SamplingParams:

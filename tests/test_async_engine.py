@@ -75,3 +75,35 @@ def test_a_request_still_queued_when_the_loop_dies_hears_of_it():
     engine = AsyncLLMEngine(_DiesWithAnAddQueued())
     engine_ready.set()
     assert isinstance(late.exception(timeout=5), EngineDeadError)
+
+
+class _RunsForever(_BreaksOnStep):
+    """Accepts requests and steps without ever finishing one."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborted = []
+
+    def step(self):
+        time.sleep(0.001)
+        return []
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+def test_a_reused_request_id_is_refused_and_leaves_the_first_request_running():
+    inner = _RunsForever()
+    engine = AsyncLLMEngine(inner)
+
+    async def main():
+        first = engine.generate([1], SamplingParams(), "same")
+        waiting = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.generate([2], SamplingParams(), "same").__anext__()
+        assert not waiting.done() and inner.aborted == []
+        engine.stop()  # which ends the first request's stream
+        with pytest.raises(EngineDeadError, match="stopped"):
+            await asyncio.wait_for(waiting, 5)
+    asyncio.run(main())

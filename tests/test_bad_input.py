@@ -97,6 +97,11 @@ def completion(**fields) -> dict:
     (json.dumps(completion(prompt=[1, -2])).encode(), None, "vocabulary"),
     (json.dumps(completion(stop_token_ids=[10**12], min_tokens=2)).encode(), None, "stop_token_ids"),
     (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "maximum context length"),
+    (json.dumps(completion(logprobs=0)).encode(), None, "logprobs"),  # 0 asks for the sampled token's
+    # refused by the engine's own checks, which run before a stream starts: a 400, not an error event after a 200
+    (json.dumps(completion(prompt=[1, 2, 32000], stream=True)).encode(), None, "vocabulary"),
+    (json.dumps(completion(stop_token_ids=[10**12], stream=True)).encode(), None, "stop_token_ids"),
+    (json.dumps(completion(max_tokens=CONTEXT, stream=True)).encode(), "prompt", "maximum context length"),
 ])
 def test_hand_written_bad_completions(url, body, param, text):
     assert_error(raw(url, body), 400, param=param, text=text)
@@ -108,6 +113,9 @@ def test_hand_written_bad_completions(url, body, param, text):
     {"model": MODEL, "messages": [{"role": "user"}], "max_tokens": 0},
     {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
     {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}], "stream": True},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+     "chat_template_kwargs": {"add_generation_prompt": False}},
 ])
 def test_hand_written_bad_chats(url, body):
     assert_error(raw(url, json.dumps(body).encode(), "/v1/chat/completions"), 400)
@@ -115,8 +123,10 @@ def test_hand_written_bad_chats(url, body):
 
 def test_odd_but_valid_values_run(url):
     """Values at the edges that must run, not crash the engine: a top_k beyond the vocabulary beside one
-    within it, a tiny temperature, a seed at the 64-bit edge."""
-    bodies = [completion(top_k=10**12, seed=2**64 - 1), completion(top_k=3, temperature=1e-30, seed=-2**63)]
+    within it, tiny temperatures (greedy below 1e-5, as in vLLM), a seed at the 64-bit edge, nulls for
+    parameters not supported yet (null is "not used")."""
+    bodies = [completion(top_k=10**12, seed=2**64 - 1), completion(top_k=3, temperature=1e-30, seed=-2**63),
+              completion(temperature=1e-300), completion(echo=None, presence_penalty=None, frequency_penalty=None)]
     for body in bodies:
         response = raw(url, json.dumps(body).encode())
         assert response.status_code == 200, response.text

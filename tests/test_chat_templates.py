@@ -33,10 +33,10 @@ def test_reference_rendering(templates, vector):
     expected = vector["expected"]
     if isinstance(expected, dict):
         with pytest.raises(ChatTemplateError) as info:
-            render(*args, **extra)
+            render(*args, extra)
         assert expected["error"] in str(info.value)
     else:
-        assert render(*args, **extra) == expected
+        assert render(*args, extra) == expected
 
 
 def test_choice_order():

@@ -23,9 +23,11 @@ def test_text_prompt_and_outputs(llm):
 
 
 def test_requests_that_cannot_fit_are_refused_with_the_numbers(small):
-    with pytest.raises(ValueError, match=r"60 tokens and max_tokens is 10: together 70, over the model's "
+    with pytest.raises(ValueError, match=r"60 tokens and max_tokens is 10, 70 in all: over the model's maximum "
                                          r"context length of 64"):
         small.engine.add_request([5] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match=r"the prompt has 50 tokens: over the KV cache's capacity of 48"):
+        small.engine.add_request([5] * 50, SamplingParams(max_tokens=None))
     with pytest.raises(ValueError, match="over the KV cache's capacity of 48 tokens"):
         small.engine.add_request([5] * 40, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="empty"):
@@ -33,6 +35,12 @@ def test_requests_that_cannot_fit_are_refused_with_the_numbers(small):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         small.engine.add_request([5, 49152], SamplingParams())
     assert not small.engine.has_unfinished_requests()
+
+
+def test_a_refused_prompt_leaves_none_of_its_call_queued(small):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        small.generate([[5, 6], [5, 49152]], GREEDY)
+    assert not small.engine.has_unfinished_requests() and small.engine.pool.num_free == small.engine.pool.num_blocks
 
 
 def test_max_tokens_none_fills_what_the_context_and_cache_leave(small):

@@ -96,3 +96,12 @@ def test_float16_checkpoint_loads_in_the_dtype_asked_for(tmp_path):
     with torch.inference_mode():
         expected = reference(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
+
+
+def test_a_checkpoint_missing_one_projection_of_a_fused_matrix_is_refused(tmp_path):
+    """q, k and v fill one matrix here: a checkpoint without k would leave a third of it uninitialised."""
+    hf = HFLlama(LlamaConfig(**BASE)).eval()
+    state = {name: t for name, t in hf.state_dict().items() if name != "model.layers.1.self_attn.k_proj.weight"}
+    hf.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(ValueError, match=r"lacks tensors: \['model.layers.1.self_attn.k_proj.weight'\]"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))

@@ -21,6 +21,12 @@ def test_greedy_takes_argmax_and_respects_bans():
     assert set(_draw(SamplingParams(temperature=0), n=5, banned=[0]).tolist()) == {1}
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 1e-320])
+def test_a_vanishing_temperature_is_greedy(temperature):
+    # logits / 1e-38 overflow float32 and softmax would turn them into NaN
+    assert set(_draw(SamplingParams(temperature=temperature), n=5, banned=[0]).tolist()) == {1}
+
+
 def test_frequencies_follow_the_distribution():
     counts = torch.bincount(_draw(SamplingParams(temperature=1.0), n=20000), minlength=4) / 20000
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
@@ -58,8 +64,8 @@ def _gen(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                    dict(min_p=2), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
-                                    dict(stop=[""]), dict(stop_token_ids=[-1])])
+                                    dict(top_k=2.5), dict(min_p=2), dict(max_tokens=0),
+                                    dict(min_tokens=5, max_tokens=2), dict(stop=[""]), dict(stop_token_ids=[-1])])
 def test_invalid_params_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

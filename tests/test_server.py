@@ -53,7 +53,7 @@ def test_stop_string(client):
     base = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0]
     stop = base.text.strip()[:3]
     out = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
-    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].model_extra["stop_reason"] == stop  # vLLM's
     assert out.choices[0].text == base.text[:base.text.index(stop)]
 
 
@@ -97,6 +97,7 @@ def test_chat_stream_deltas(client):
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])  # null, as OpenAI sends
 
 
 def test_concurrent_streams(base_url, client):
