@@ -93,6 +93,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         self.inv_freq = inv_freq  # a plain tensor, not a buffer, so that models can be built on "meta"
 
+    def divide_frequencies(self, factors: torch.Tensor) -> None:
+        """Per-frequency divisors, as llama.cpp stores Llama 3.1's scaling (`rope_freqs`) instead of metadata."""
+        if factors.shape != self.inv_freq.shape or self.scaling.kind != "default":
+            raise ValueError(f"{len(factors)} rotary frequency factors for {len(self.inv_freq)} frequencies "
+                             f"already scaled by {self.scaling.kind!r}")
+        self.inv_freq = self.inv_freq / factors.float().cpu()
+
     @property
     def needs_seq_lens(self) -> bool:
         return self.scaling.kind == "dynamic"

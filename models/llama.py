@@ -16,6 +16,8 @@ from models.weights import load_weights
 FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+# llama.cpp's Llama 3.1 rotary scaling, a tensor of per-frequency divisors (no Hugging Face name of its own).
+FREQUENCY_FACTORS = "rotary.frequency_factors"
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -63,12 +65,22 @@ class LlamaForCausalLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.config
-        load_weights(self, weights, FUSED, {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads})
+        load_weights(self, self._take_frequency_factors(weights), FUSED,
+                     {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads})
+
+    def _take_frequency_factors(self, weights: Iterable[tuple[str, torch.Tensor]]):
+        for name, tensor in weights:
+            if name == FREQUENCY_FACTORS:
+                self.rotary.divide_frequencies(tensor)
+            else:
+                yield name, tensor
 
     @staticmethod
     def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
         """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections, so that
         both checkpoint formats reach `load_weights` as transformers holds them."""
+        if name == "rope_freqs.weight":
+            return FREQUENCY_FACTORS, tensor
         hf_name, part = gguf_name_to_hf(name, GGUF_LAYER)
         heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(part)
         return hf_name, tensor if heads is None else regroup_rotary(tensor, heads, to_pairs=False)

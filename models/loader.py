@@ -82,7 +82,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
         weights = _iter_safetensors(path)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # in `dtype` from the start: no float32 copy on the GPU
     model.load_weights(weights)
     kernels = pick_kernels(kernel_backend, cfg, dtype, device)
     if kernels is not None:

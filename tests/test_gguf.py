@@ -1,4 +1,6 @@
 """GGUF loading of every supported tensor type, against transformers' own GGUF loading of the same file."""
+import math
+
 import gguf
 import numpy as np
 import pytest
@@ -43,8 +45,8 @@ def _random_k_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(hf, path, qtype: Q, arch: str = "llama") -> None:
-    """As llama.cpp's converter writes it: for `llama` the Q/K rows in its rotary order."""
+def write_gguf(hf, path, qtype: Q, arch: str = "llama", extra: dict[str, np.ndarray] | None = None) -> None:
+    """As llama.cpp's converter writes it: for `llama` the Q/K rows in its rotary order; `extra` tensors as given."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(CFG["max_position_embeddings"])
     writer.add_embedding_length(CFG["hidden_size"])
@@ -72,6 +74,8 @@ def write_gguf(hf, path, qtype: Q, arch: str = "llama") -> None:
             writer.add_tensor(_gguf_name(name), _random_k_blocks(*array.shape, qtype, rng), raw_dtype=qtype)
         else:
             writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -120,4 +124,40 @@ def test_command_r_gguf_matches_transformers(tmp_path):
     ids = list(range(3, 40))
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
+
+
+def _llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3.1's scaling: a divisor per frequency."""
+    old, low, high, factor = (rope[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                  "high_freq_factor", "factor"))
+    factors = []
+    for freq in 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama3_rope_scaling_from_the_rope_freqs_tensor(tmp_path):
+    """Llama 3.1 and 3.2 GGUF files carry their rotary scaling as `rope_freqs`, not as metadata. transformers'
+    GGUF loading ignores that tensor, so the oracle is its model with the same scaling on the same weights."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 64, "rope_theta": CFG["rope_theta"]}  # all three bands in use
+    torch.manual_seed(0)
+    hf = HFLlama(LlamaConfig(**{k: v for k, v in CFG.items() if k != "rope_theta"}, rope_parameters=rope,
+                             initializer_range=0.05)).eval()
+    path = tmp_path / "tiny-llama3.gguf"
+    factors = _llama_cpp_rope_factors(rope, CFG["hidden_size"] // CFG["num_attention_heads"])
+    assert {1.0, 8.0} < set(factors.tolist())
+    write_gguf(hf, path, Q.F32, extra={"rope_freqs.weight": factors})
+    ids = list(range(3, 40))
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0]
+    ours = load_model(path, torch.float32, torch.device("cpu"))
     torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)
