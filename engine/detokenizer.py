@@ -18,6 +18,7 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = 0, len(self._tokens)
         self.text = ""  # all output text decoded so far (cut at a stop string once one matched)
         self.stop_string: str | None = None  # the stop string that matched
+        self._partials = [_PartialMatch(stop) for stop in stop]
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
@@ -43,6 +44,8 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         start = len(self.text)
         self.text += new_text
+        for partial in self._partials:
+            partial.feed(new_text)
         if not match_stop:
             return
         # A stop string may begin in text emitted by earlier tokens; the earliest match wins.
@@ -56,6 +59,31 @@ class IncrementalDetokenizer:
         """The text that is safe to show: without a suffix that may still grow into a stop string."""
         if finished or not self.stop:
             return self.text
-        hold = max((n for stop in self.stop for n in range(min(len(stop) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(stop[:n])), default=0)
+        hold = max(partial.length for partial in self._partials)
         return self.text[:len(self.text) - hold]
+
+
+class _PartialMatch:
+    """How much of the end of the text so far is the start of one stop string (`length`, short of all of it),
+    kept up to date character by character in constant amortized time (Knuth-Morris-Pratt): checking every
+    prefix of a long stop string against the text at each step cost time in the square of its length."""
+
+    def __init__(self, stop: str):
+        self.stop, self.length = stop, 0
+        self.border = [0] * len(stop)  # border[i]: the longest proper prefix of stop[:i + 1] that also ends it
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.border[k - 1]
+            k += stop[i] == stop[k]
+            self.border[i] = k
+
+    def feed(self, text: str) -> None:
+        stop, border, k = self.stop, self.border, self.length
+        for char in text:
+            while k and stop[k] != char:
+                k = border[k - 1]
+            k += stop[k] == char
+            if k == len(stop):  # a whole match (found and cut by the caller): what may grow is its border
+                k = border[k - 1]
+        self.length = k

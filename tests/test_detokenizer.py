@@ -1,7 +1,9 @@
 """Incremental detokenization with the real SmolLM2 tokenizer."""
+import random
+
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, _PartialMatch
 from models.tokenizer import load_tokenizer
 
 
@@ -56,3 +58,17 @@ def test_flush_at_the_end_emits_an_incomplete_character(tokenizer):
     assert detok.text == ""
     detok.flush()
     assert detok.text == "\ufffd"
+
+
+def test_partial_match_is_the_longest_end_of_the_text_that_starts_a_stop_string():
+    """Against the definition, on texts and stop strings of a small alphabet (many overlapping borders)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+        partial, text = _PartialMatch(stop), ""
+        for _ in range(rng.randint(1, 6)):
+            piece = "".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
+            partial.feed(piece)
+            text += piece
+            assert partial.length == max(n for n in range(min(len(stop) - 1, len(text)) + 1)
+                                         if text.endswith(stop[:n])), (stop, text)
