@@ -68,12 +68,14 @@ def _sentencepiece_model(file: Path) -> Backend:
 
 
 def _from_folder(folder: Path) -> Tokenizer:
+    defaults = {}
     if (folder / "tokenizer.json").exists():
         backend = Backend.from_file(str(folder / "tokenizer.json"))
     else:
         backend = _sentencepiece_model(folder / "tokenizer.model")
+        defaults = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}  # LlamaTokenizer's own
     cfg_file, gen_file = folder / "tokenizer_config.json", folder / "generation_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    cfg = {**defaults, **(json.loads(cfg_file.read_text()) if cfg_file.exists() else {})}
     bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))
     bos_id = backend.token_to_id(bos) if bos else None
     if "add_bos_token" in cfg and bos_id is not None:  # the flag overrides tokenizer.json, as in transformers

@@ -83,3 +83,6 @@ def test_llama_2_folder_with_tokenizer_model(tmp_path, llama_spm):
         assert folder.encode(text, add_special_tokens=False) == expected == reference.encode(text)
         assert folder.decode(expected) == text
     assert folder.encode("Hi") == [1] + reference.encode("Hi") and folder.eos_token_ids == (2,)
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # LlamaTokenizer's defaults: BOS <s>, added; EOS </s>
+    defaults = load_tokenizer(tmp_path)
+    assert defaults.encode("Hi") == [1] + reference.encode("Hi") and defaults.eos_token_ids == (2,)
