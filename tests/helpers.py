@@ -1,5 +1,7 @@
 """Test helpers: a model on a small paged cache without the engine, and a real server process."""
+import atexit
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -47,22 +49,32 @@ class SingleSequence:
         return self.model.compute_logits(hidden)
 
 
+@functools.cache
+def _log_dir() -> Path:
+    """One folder of server logs per test run, removed at its end."""
+    folder = tempfile.TemporaryDirectory(prefix="nanoserve-test-logs-")
+    atexit.register(folder.cleanup)
+    return Path(folder.name)
+
+
 def start_server(*args: str, env: dict | None = None, wait: bool = True) -> tuple[subprocess.Popen, str]:
     """`python -m server ARGS` on a free port of 127.0.0.1 in a process group of its own, its output in a
-    log file named in any failure; with `wait`, returns once /ready says 200."""
+    log file whose end a failure to start shows; with `wait`, returns once /ready says 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = Path(tempfile.gettempdir()) / f"nanoserve-test-server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
-                            env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    log = _log_dir() / f"server-{port}.log"
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                env={**os.environ, **(env or {})}, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while wait and status(f"{url}/ready") != 200:
         if time.time() > deadline or proc.poll() is not None:
             stop_server(proc)
-            raise RuntimeError(f"the server did not become ready (exit code {proc.poll()}); its log: {log}")
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+            raise RuntimeError(f"the server did not become ready (exit code {proc.poll()}); its log ends:\n{tail}")
         time.sleep(0.5)
     return proc, url
 

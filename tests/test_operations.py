@@ -151,6 +151,22 @@ def _stream_all(url: str, count: int, max_tokens: int, streaming: threading.Even
     return results
 
 
+def test_a_model_that_fails_to_load_exits_1_and_says_503_meanwhile(tmp_path):
+    """A broken checkpoint: the process ends with 1 (the orchestrator restarts it or reports it), after
+    answering probes with 503 rather than accepting work it cannot do."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    proc, url = start_server("--model", str(broken), wait=False)
+    try:
+        seen = set()
+        while proc.poll() is None:
+            seen.add(status(f"{url}/ready"))
+            time.sleep(0.05)
+        assert proc.returncode == 1 and 200 not in seen
+    finally:
+        stop_server(proc)
+
+
 def test_loading_then_sigterm_drains_every_stream_and_exits_0(default_model_path):
     proc, url = start_server("--model", str(default_model_path), "--served-model-name", MODEL, "--drain-timeout", "300",
                              wait=False)

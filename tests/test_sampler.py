@@ -48,13 +48,15 @@ def test_low_temperature_sharpens():
     assert counts[0] / 4000 > 0.85
 
 
-def test_seeded_request_is_reproducible_whatever_the_batch():
-    seeded = SamplingParams(temperature=1.0, seed=7)
-    alone = Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [SamplingRequest(seeded, _gen(7), [])])
-    others = [SamplingRequest(SamplingParams(temperature=1.0), None, [])] * 5
-    batch = Sampler(torch.device("cpu"), 1)(LOGITS.repeat(6, 1), others[:3] + [SamplingRequest(seeded, _gen(7), [])]
-                                            + others[3:5])
-    assert batch[3] == alone[0]
+def test_seeded_requests_are_reproducible_whatever_the_batch():
+    """32 seeded requests, each alone and then all in one batch among unseeded ones: the same draws (one draw of
+    four tokens alone would match by chance a third of the time)."""
+    seeded = lambda seed: SamplingRequest(SamplingParams(temperature=1.0, seed=seed), _gen(seed), [])  # noqa: E731
+    alone = [Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [seeded(s)])[0] for s in range(32)]
+    other = SamplingRequest(SamplingParams(temperature=1.0), None, [])
+    batch = [r for s in range(32) for r in (other, seeded(s))]
+    drawn = Sampler(torch.device("cpu"), 1)(LOGITS.repeat(64, 1), batch)
+    assert drawn[1::2] == alone and len(set(alone)) > 1
 
 
 def _gen(seed: int) -> torch.Generator:

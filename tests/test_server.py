@@ -63,8 +63,7 @@ def test_streamed_text_never_shows_a_stop_string(base_url, client):
     stop = base[3:9]  # spans several tokens
     chunks = [c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True) if c.choices]
-    assert "".join(chunks) == base[:3]
-    assert not any(stop[:2] in "".join(chunks[:i + 1])[3:] for i in range(len(chunks)))
+    assert "".join(chunks) == base[:3]  # all that was ever sent: no part of the stop string
 
 
 def test_non_streaming_disconnect_aborts(base_url):
