@@ -76,7 +76,8 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
     async def respond(request: Request, body, inputs, chat_style: bool):
         served = lifecycle.served
         served.check_model(body.model)
-        prompts, params = inputs(served, body)
+        # Off the event loop: rendering and tokenizing a prompt of megabytes would stall every stream and probe.
+        prompts, params = await asyncio.to_thread(inputs, served, body)
         exchange = Exchange(served, chat_style)
         run = served.start(prompts, params, exchange.id, request_timeout(request, config))
         if body.stream:
@@ -120,9 +121,9 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         served = lifecycle.served
         served.check_model(body.model)
         if body.messages is not None:
-            tokens = served.chat_prompt_ids(body.messages, body.add_generation_prompt)
+            tokens = await asyncio.to_thread(served.chat_prompt_ids, body.messages, body.add_generation_prompt)
         else:
-            tokens = served.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await asyncio.to_thread(served.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}
 
     @app.post("/detokenize", dependencies=guarded)

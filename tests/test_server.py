@@ -49,6 +49,22 @@ def test_completion_prompt_forms_keep_their_order(client, llm):
     assert texts.choices[1].text == single.choices[0].text
 
 
+def test_several_prompts_stream_as_one_response_per_choice(client):
+    """Each choice's deltas, in their own order, add up to its text when not streamed; one finish per choice;
+    usage sums both prompts."""
+    prompts, kwargs = ["The capital of France is", "One, two, three,"], dict(model=MODEL, max_tokens=8, temperature=0)
+    full = client.completions.create(prompt=prompts, **kwargs)
+    chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    texts, finishes = ["", ""], [[], []]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+    assert texts == [c.text for c in full.choices] and finishes == [[c.finish_reason] for c in full.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
 def test_stop_string(client):
     base = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0]
     stop = base.text.strip()[:3]
