@@ -21,8 +21,13 @@ from models.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-class RequestTooLong(ValueError):
-    """A prompt and its max_tokens that together exceed the context length or the whole KV cache."""
+class RequestRefused(ValueError):
+    """A request that can never run. `what`: "prompt" (empty, or ids outside the vocabulary), "stop_token_ids",
+    or "length" (the prompt and max_tokens together exceed the context length or the whole KV cache)."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
 
 
 class LLMEngine:
@@ -60,21 +65,23 @@ class LLMEngine:
         return request_id
 
     def check_request(self, ids: list[int], params: SamplingParams) -> int:
-        """The request's max_tokens (all that fits when it has none), or a ValueError naming why it can never
-        run (`RequestTooLong` when it does not fit). Reads only what never changes: any thread may call it."""
+        """The request's max_tokens (all that fits when it has none), or `RequestRefused` saying why it can never
+        run. Reads only what never changes: any thread may call it."""
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise RequestRefused("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
-        for name, tokens in (("the prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+        lists = (("the prompt", ids, "prompt"), ("stop_token_ids", params.stop_token_ids, "stop_token_ids"))
+        for name, tokens, what in lists:
             if bad := [t for t in tokens if not 0 <= t < vocab]:
-                raise ValueError(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+                raise RequestRefused(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", what)
         cache_tokens = self.pool.num_blocks * self.config.block_size
         wanted = len(ids) + (params.max_tokens or 1)
         for limit, what in ((self.max_model_len, "the model's maximum context length"),
                             (cache_tokens, "the KV cache's capacity")):
             if wanted > limit:
                 asked = f" and max_tokens is {params.max_tokens}, {wanted} in all" if params.max_tokens else ""
-                raise RequestTooLong(f"the prompt has {len(ids)} tokens{asked}: over {what} of {limit} tokens")
+                raise RequestRefused(f"the prompt has {len(ids)} tokens{asked}: over {what} of {limit} tokens",
+                                     "length")
         return params.max_tokens or min(self.max_model_len, cache_tokens) - len(ids)
 
     def warm_up(self) -> None:

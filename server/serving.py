@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
-from engine.engine import RequestTooLong
+from engine.engine import RequestRefused
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.params import SamplingParams
 from server import chat
@@ -18,6 +18,9 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, no
 
 
 RETRY_AFTER_SECONDS = 1
+# The engine's refusals as OpenAI errors: code, and the field at fault (None: the prompt's own field).
+_REFUSALS = {"prompt": ("invalid_prompt", None), "stop_token_ids": ("invalid_request", "stop_token_ids"),
+             "length": ("context_length_exceeded", None)}
 
 
 @dataclass
@@ -72,15 +75,12 @@ class Served:
 
     def check_fits(self, ids: list[int], params: SamplingParams, param: str) -> None:
         """The engine's own checks, run before any response starts: a refused stream is a 400, not an error
-        event after a 200."""
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "invalid_prompt", param)
+        event after a 200. `param` names the prompt's field, to which a length error is charged too."""
         try:
             self.engine.engine.check_request(ids, params)
-        except RequestTooLong as exc:
-            raise ApiError(400, str(exc), "context_length_exceeded", param) from exc
-        except ValueError as exc:  # the message names the field: the prompt's ids or stop_token_ids
-            raise ApiError(400, str(exc), "invalid_request") from exc
+        except RequestRefused as exc:
+            code, field = _REFUSALS[exc.what]
+            raise ApiError(400, str(exc), code, field or param) from exc
 
     def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
               timeout: float | None) -> "Run":

@@ -93,14 +93,14 @@ def completion(**fields) -> dict:
     (json.dumps(completion(stop=["a", "b", "c", "d", "e"])).encode(), "stop", "at most 4"),
     (json.dumps(completion(prompt=["hi"] * 129)).encode(), "prompt", "at most 128"),
     (json.dumps(completion(prompt=[])).encode(), "prompt", "empty"),
-    (json.dumps(completion(prompt=[1, 2, 32000])).encode(), None, "vocabulary"),
-    (json.dumps(completion(prompt=[1, -2])).encode(), None, "vocabulary"),
-    (json.dumps(completion(stop_token_ids=[10**12], min_tokens=2)).encode(), None, "stop_token_ids"),
+    (json.dumps(completion(prompt=[1, 2, 32000])).encode(), "prompt", "vocabulary"),
+    (json.dumps(completion(prompt=[1, -2])).encode(), "prompt", "vocabulary"),
+    (json.dumps(completion(stop_token_ids=[10**12], min_tokens=2)).encode(), "stop_token_ids", "stop_token_ids"),
     (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "maximum context length"),
     (json.dumps(completion(logprobs=0)).encode(), None, "logprobs"),  # 0 asks for the sampled token's
     # refused by the engine's own checks, which run before a stream starts: a 400, not an error event after a 200
-    (json.dumps(completion(prompt=[1, 2, 32000], stream=True)).encode(), None, "vocabulary"),
-    (json.dumps(completion(stop_token_ids=[10**12], stream=True)).encode(), None, "stop_token_ids"),
+    (json.dumps(completion(prompt=[1, 2, 32000], stream=True)).encode(), "prompt", "vocabulary"),
+    (json.dumps(completion(stop_token_ids=[10**12], stream=True)).encode(), "stop_token_ids", "stop_token_ids"),
     (json.dumps(completion(max_tokens=CONTEXT, stream=True)).encode(), "prompt", "maximum context length"),
 ])
 def test_hand_written_bad_completions(url, body, param, text):
