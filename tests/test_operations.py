@@ -68,7 +68,10 @@ def test_a_queued_stream_gets_keep_alive_pings(small):
     holders = [threading.Thread(target=hold) for _ in range(2)]
     for t in holders:
         t.start()
-    time.sleep(0.5)
+    deadline = time.time() + 60  # both holders admitted before the third asks (a fixed sleep raced on a busy machine)
+    while metrics(small).get("nanoserve:num_requests_running", 0) < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
     with httpx.stream("POST", f"{small}/v1/completions", json=completion(max_tokens=4, stream=True),
                       timeout=120) as response:
         lines = events(response)
