@@ -154,9 +154,9 @@ def _stream_all(url: str, count: int, max_tokens: int, streaming: threading.Even
     return results
 
 
-def test_a_model_that_fails_to_load_exits_1_and_says_503_meanwhile(tmp_path):
-    """A broken checkpoint: the process ends with 1 (the orchestrator restarts it or reports it), after
-    answering probes with 503 rather than accepting work it cannot do."""
+def test_a_model_that_fails_to_load_exits_1_and_never_says_ready(tmp_path):
+    """A broken checkpoint: the process ends with 1 (the orchestrator restarts it or reports it), and readiness
+    never said 200 on the way (a file this broken may fail before the port even answers)."""
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + bytes(60))
     proc, url = start_server("--model", str(broken), wait=False)
