@@ -23,6 +23,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served any more."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed inside the engine (finish_reason "error"); the others go on."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -117,6 +121,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if finished and item.outputs[0].finish_reason == "error":
+                    raise RequestFailedError(f"the request failed in the engine (see the server's log): {request_id}")
                 yield item
         finally:
             del self._streams[request_id]

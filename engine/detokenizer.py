@@ -4,21 +4,34 @@ Decoding a token alone can drop a leading space (SentencePiece) or yield half a 
 (byte-level and byte-fallback tokens), so each step decodes a short window of recent tokens and
 emits only what it adds; text ending in U+FFFD waits for the rest of its character. Text that could
 still become a stop string is held back until it cannot.
+
+A character whose UTF-8 bytes begin in the prompt's last tokens and end in the output's first ones (a token-id
+prompt cut inside a character) is output text: the prompt's decoded text shows U+FFFD for its first part, the
+output's the whole character.
 """
+from engine.stop import StopPattern
 from models.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT = 6  # prompt tokens decoded before the first output token, for its leading space
+_MAX_CHAR_TOKENS = 3  # the most tokens a character's first bytes can fill: a UTF-8 character has at most 4 bytes
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop_patterns: tuple[StopPattern, ...],
                  skip_special_tokens: bool):
-        self.tokenizer, self.stop, self.skip_special_tokens = tokenizer, stop, skip_special_tokens
+        self.tokenizer, self.stop_patterns, self.skip_special_tokens = tokenizer, stop_patterns, skip_special_tokens
         self._tokens = list(prompt_token_ids[-_PROMPT_CONTEXT:])
-        self._prefix_offset, self._read_offset = 0, len(self._tokens)
+        self._prefix_offset, self._read_offset = 0, self._complete_prefix(self._tokens)
         self.text = ""  # all output text decoded so far (cut at a stop string once one matched)
         self.stop_string: str | None = None  # the stop string that matched
-        self._partials = [_PartialMatch(stop) for stop in stop]
+        self._matched = [0] * len(stop_patterns)  # how much of each stop string the text ends with
+
+    def _complete_prefix(self, tokens: list[int]) -> int:
+        """How many of the prompt's tokens decode to whole characters: the rest begin one that the output ends."""
+        end = len(tokens)
+        while end > max(0, len(tokens) - _MAX_CHAR_TOKENS) and self._decode(tokens[:end]).endswith("\ufffd"):
+            end -= 1
+        return end if not self._decode(tokens[:end]).endswith("\ufffd") else len(tokens)
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
@@ -44,12 +57,11 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         start = len(self.text)
         self.text += new_text
-        for partial in self._partials:
-            partial.feed(new_text)
+        self._matched = [pattern.advance(k, new_text) for pattern, k in zip(self.stop_patterns, self._matched)]
         if not match_stop:
             return
         # A stop string may begin in text emitted by earlier tokens; the earliest match wins.
-        matches = [(index, stop) for stop in self.stop
+        matches = [(index, stop) for stop in (pattern.stop for pattern in self.stop_patterns)
                    if (index := self.text.find(stop, max(0, start - len(stop) + 1))) != -1]
         if matches:
             index, self.stop_string = min(matches)
@@ -57,33 +69,7 @@ class IncrementalDetokenizer:
 
     def visible_text(self, finished: bool) -> str:
         """The text that is safe to show: without a suffix that may still grow into a stop string."""
-        if finished or not self.stop:
+        if finished or not self.stop_patterns:
             return self.text
-        hold = max(partial.length for partial in self._partials)
-        return self.text[:len(self.text) - hold]
+        return self.text[:len(self.text) - max(self._matched)]
 
-
-class _PartialMatch:
-    """How much of the end of the text so far is the start of one stop string (`length`, short of all of it),
-    kept up to date character by character in constant amortized time (Knuth-Morris-Pratt): checking every
-    prefix of a long stop string against the text at each step cost time in the square of its length."""
-
-    def __init__(self, stop: str):
-        self.stop, self.length = stop, 0
-        self.border = [0] * len(stop)  # border[i]: the longest proper prefix of stop[:i + 1] that also ends it
-        k = 0
-        for i in range(1, len(stop)):
-            while k and stop[i] != stop[k]:
-                k = self.border[k - 1]
-            k += stop[i] == stop[k]
-            self.border[i] = k
-
-    def feed(self, text: str) -> None:
-        stop, border, k = self.stop, self.border, self.length
-        for char in text:
-            while k and stop[k] != char:
-                k = border[k - 1]
-            k += stop[k] == char
-            if k == len(stop):  # a whole match (found and cut by the caller): what may grow is its border
-                k = border[k - 1]
-        self.length = k

@@ -21,9 +21,10 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs come back in the order of the prompts."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Run every prompt to completion, batched; outputs come back in the order of the prompts. However the call
+        ends (a refused prompt, an interrupt), none of its prompts stays queued."""
+        if isinstance(prompts, str) or (len(prompts) and not hasattr(prompts[0], "__len__")):
+            prompts = [prompts]  # one prompt: text, or token ids (numbers: nothing with a length)
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
@@ -32,11 +33,12 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 ids.append(self.engine.add_request(prompt, p))
-        except ValueError:
-            for request_id in ids:  # a refused prompt refuses the call: none of its prompts stays queued
+            finished: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished_requests():
+                finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
+            return [finished[i] for i in ids]
+        except BaseException:
+            for request_id in ids:  # finished ones are gone already: aborting them does nothing
                 self.engine.abort(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
-        return [finished[i] for i in ids]
+

@@ -7,7 +7,7 @@ class CompletionOutput:
     index: int
     text: str  # cumulative: all text so far that is safe to show
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" (it failed alone) or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
 
 

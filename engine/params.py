@@ -1,8 +1,32 @@
 """Sampling parameters, named as vLLM names them, validated when built."""
+import math
+import operator
 from dataclasses import dataclass, field
+
+from engine.stop import StopPattern
 
 # Temperatures below this sample greedily, as vLLM has it: the logits divided by them overflow float32.
 GREEDY_BELOW = 1e-5
+MAX_STOP_CHARS = 4096  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 1024  # ids in stop_token_ids
+SEED_RANGE = (-2**63, 2**63)  # OpenAI's: a signed 64-bit integer (torch wraps larger ones onto negative ones)
+
+
+class ParamError(ValueError):
+    """A sampling parameter out of its range; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def is_whole(value) -> bool:
+    """An int (numpy's too), not a bool or a float that happens to be whole."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 @dataclass
@@ -18,6 +42,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Built once here, not on the engine thread: the stop strings' match tables and the stop ids as a set.
+    stop_patterns: tuple[StopPattern, ...] = field(init=False, repr=False, compare=False)
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -26,23 +53,37 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0,
-             f"top_k must be a whole number >= 1, or 0 or -1 for no limit, got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (self.seed is None or -2**63 <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
-        ]
-        for ok, message in checks:
+        for param, ok, message in self._checks():
             if not ok:
-                raise ValueError(message)
+                raise ParamError(param, message)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.stop_token_set = frozenset(self.stop_token_ids)
+        self.stop_patterns = tuple(StopPattern(s) for s in self.stop)
+
+    def _checks(self):
+        """(param, ok, message) for each rule, in order; a rule runs only if the ones before it passed."""
+        finite = lambda value: isinstance(value, (int, float)) and math.isfinite(value)  # noqa: E731
+        yield "temperature", finite(self.temperature) and self.temperature >= 0, \
+            f"temperature must be a finite number >= 0, got {self.temperature}"
+        yield "top_p", finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"
+        yield "top_k", is_whole(self.top_k) and self.top_k >= 0, \
+            f"top_k must be a whole number >= 1, or 0 or -1 for no limit, got {self.top_k}"
+        yield "min_p", finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"
+        yield "max_tokens", self.max_tokens is None or (is_whole(self.max_tokens) and self.max_tokens >= 1), \
+            f"max_tokens must be a whole number >= 1, got {self.max_tokens}"
+        yield "min_tokens", is_whole(self.min_tokens) and self.min_tokens >= 0, \
+            f"min_tokens must be a whole number >= 0, got {self.min_tokens}"
+        yield "min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, \
+            f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+        yield "seed", self.seed is None or (is_whole(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]), \
+            f"seed must be a whole number in [-2**63, 2**63 - 1], got {self.seed}"
+        yield "stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"
+        yield "stop", all(len(s) <= MAX_STOP_CHARS for s in self.stop), \
+            f"a stop string may have at most {MAX_STOP_CHARS} characters"
+        yield "stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, \
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}"
+        yield "stop_token_ids", all(is_whole(t) and t >= 0 for t in self.stop_token_ids), \
+            "stop_token_ids must be token ids (whole numbers >= 0)"
 
     @property
     def greedy(self) -> bool:

@@ -11,7 +11,7 @@ class SamplingRequest:
     """What the sampler needs to know of one sequence this step."""
     params: SamplingParams
     generator: torch.Generator | None  # the request's own, when it has a seed
-    banned_token_ids: list[int]  # EOS and stop tokens while fewer than min_tokens are out
+    banned_token_ids: torch.Tensor | None  # EOS and stop tokens while fewer than min_tokens are out
 
 
 class Sampler:
@@ -22,7 +22,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[int]:
         for row, request in enumerate(requests):
-            if request.banned_token_ids:
+            if request.banned_token_ids is not None:
                 logits[row, request.banned_token_ids] = float("-inf")
         tokens = logits.max(dim=-1).indices  # argmax, the first of ties alike; max's CPU kernel is faster
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]

@@ -24,6 +24,7 @@ class Sequence:
     max_tokens: int  # params.max_tokens, or what the context length leaves when it is None
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None  # set when the request has its own seed
+    banned_token_ids: torch.Tensor | None = None  # EOS and stop ids, barred while fewer than min_tokens are out
     token_ids: list[int] = field(default_factory=list)  # prompt then output
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

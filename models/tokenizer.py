@@ -1,6 +1,6 @@
 """Tokenizers from `tokenizer.json` folders and from GGUF vocabularies, as `tokenizers.Tokenizer`s."""
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
@@ -23,18 +23,50 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...]  # every id that ends generation: the tokenizer's EOS and the model's
     chat_template: str | None
 
+    max_chars_per_token: int | None = field(init=False)  # the most text one token stands for; None: unknown
+
+    def __post_init__(self):
+        self.max_chars_per_token = _max_chars_per_token(self.backend)
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it): megabytes of text take seconds, and
+        # the server's event loop must go on meanwhile.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+
+# Normalizers and pre-tokenizers that never make text shorter (or drop it): with them, no token stands for more
+# characters than the longest string in the vocabulary.
+_KEEPS_LENGTH = {"Sequence", "Prepend", "ByteLevel", "Metaspace", "Digits", "Split", "Replace"}
+
+
+def _keeps_length(spec: dict | None) -> bool:
+    """Whether a normalizer or pre-tokenizer (its JSON form) keeps every character of the text."""
+    if spec is None:
+        return True
+    kind, pattern = spec["type"], spec.get("pattern", {})
+    if kind == "Sequence":
+        return all(map(_keeps_length, spec.get("normalizers") or spec.get("pretokenizers") or []))
+    shortens = kind == "Replace" and ("Regex" in pattern or len(spec["content"]) < len(pattern["String"]))
+    return kind in _KEEPS_LENGTH and not shortens and not (kind == "Split" and spec.get("behavior") == "Removed")
+
+
+def _max_chars_per_token(backend: Backend) -> int | None:
+    """A bound on the characters of text one token can stand for (a byte-level token's string has a character per
+    byte, a SentencePiece token's one per character); None when the tokenizer may shorten the text first."""
+    parts = (backend.normalizer, backend.pre_tokenizer)
+    if not all(_keeps_length(json.loads(part.__getstate__()) if part else None) for part in parts):
+        return None
+    return max(len(token) for token in backend.get_vocab())
 
 
 def _bos_post_processor(bos: str, bos_id: int) -> processors.TemplateProcessing:

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, _PartialMatch
+from engine.detokenizer import IncrementalDetokenizer
+from engine.stop import StopPattern
 from models.tokenizer import load_tokenizer
 
 
@@ -14,7 +15,8 @@ def tokenizer(default_model_path):
 
 def _stream(tokenizer, text: str, stop=(), prompt="Say:"):
     """Feed `text` token by token; returns the visible text after each token and the detokenizer."""
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), list(stop), skip_special_tokens=True)
+    patterns = tuple(map(StopPattern, stop))
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), patterns, skip_special_tokens=True)
     seen = []
     for token in tokenizer.encode(text):
         detok.add_token(token)
@@ -52,8 +54,28 @@ def test_held_back_prefix_is_released_when_it_does_not_match(tokenizer):
     assert seen[-1] == "one two three four"
 
 
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_character_begun_in_the_prompt_and_ended_in_the_output_is_output_text(tokenizer, cut):
+    """A token-id prompt may end inside a character (its first byte tokens); the output's first tokens finish it.
+    The whole character is then the output's text: it used to appear in neither."""
+    char_ids = tokenizer.encode("🎉")
+    assert len(char_ids) == 3  # byte-level tokens: its first two bytes, then one for each of the others
+    prompt = tokenizer.encode("Say:") + char_ids[:cut]
+    detok = IncrementalDetokenizer(tokenizer, prompt, (), skip_special_tokens=True)
+    for token in char_ids[cut:] + tokenizer.encode(" ok"):
+        detok.add_token(token)
+    assert detok.text == "🎉 ok"
+
+
+def test_a_prompt_ending_in_an_unfinished_character_shows_it_as_a_replacement(tokenizer):
+    """If the output does not finish the prompt's last character, the output text shows U+FFFD for it."""
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("🎉")[:2], (), skip_special_tokens=True)
+    detok.add_token(tokenizer.encode("ok")[0])
+    assert detok.text.startswith("\ufffd") and detok.text.endswith("ok")
+
+
 def test_flush_at_the_end_emits_an_incomplete_character(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, [], [], skip_special_tokens=True)
+    detok = IncrementalDetokenizer(tokenizer, [], (), skip_special_tokens=True)
     detok.add_token(tokenizer.encode("🎉")[0])
     assert detok.text == ""
     detok.flush()
@@ -65,10 +87,10 @@ def test_partial_match_is_the_longest_end_of_the_text_that_starts_a_stop_string(
     rng = random.Random(0)
     for _ in range(300):
         stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
-        partial, text = _PartialMatch(stop), ""
+        pattern, matched, text = StopPattern(stop), 0, ""
         for _ in range(rng.randint(1, 6)):
             piece = "".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
-            partial.feed(piece)
+            matched = pattern.advance(matched, piece)
             text += piece
-            assert partial.length == max(n for n in range(min(len(stop) - 1, len(text)) + 1)
+            assert matched == max(n for n in range(min(len(stop) - 1, len(text)) + 1)
                                          if text.endswith(stop[:n])), (stop, text)

@@ -13,7 +13,7 @@ LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 def _draw(params: SamplingParams, n=2000, banned=()) -> torch.Tensor:
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = LOGITS.repeat(n, 1)
-    return torch.tensor(sampler(logits, [SamplingRequest(params, None, list(banned))] * n))
+    return torch.tensor(sampler(logits, [SamplingRequest(params, None, torch.tensor(banned) if banned else None)] * n))
 
 
 def test_greedy_takes_argmax_and_respects_bans():
@@ -51,9 +51,9 @@ def test_low_temperature_sharpens():
 def test_seeded_requests_are_reproducible_whatever_the_batch():
     """32 seeded requests, each alone and then all in one batch among unseeded ones: the same draws (one draw of
     four tokens alone would match by chance a third of the time)."""
-    seeded = lambda seed: SamplingRequest(SamplingParams(temperature=1.0, seed=seed), _gen(seed), [])  # noqa: E731
+    seeded = lambda seed: SamplingRequest(SamplingParams(temperature=1.0, seed=seed), _gen(seed), None)  # noqa: E731
     alone = [Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [seeded(s)])[0] for s in range(32)]
-    other = SamplingRequest(SamplingParams(temperature=1.0), None, [])
+    other = SamplingRequest(SamplingParams(temperature=1.0), None, None)
     batch = [r for s in range(32) for r in (other, seeded(s))]
     drawn = Sampler(torch.device("cpu"), 1)(LOGITS.repeat(64, 1), batch)
     assert drawn[1::2] == alone and len(set(alone)) > 1
