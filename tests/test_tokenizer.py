@@ -1,7 +1,12 @@
 """Our GGUF tokenizer against transformers' tokenizer built from the same GGUF."""
-import pytest
+import threading
+import time
 
-from models.tokenizer import load_tokenizer
+import pytest
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+from models.tokenizer import _max_chars_per_token, load_tokenizer
+from tests.helpers import VOCAB
 
 TEXTS = [
     "Hello world",
@@ -70,3 +75,34 @@ def test_named_chat_templates_use_the_default(ours, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
         {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]}))
     assert load(tmp_path).chat_template == "plain"
+
+
+def test_encoding_lets_other_threads_run(ours):
+    """Tokenizing megabytes takes seconds: the server's event loop must go on meanwhile, so the GIL is let go.
+    Counted as ticks of another thread while one long encode runs (with the GIL held there were none)."""
+    done, ticks = threading.Event(), []
+    worker = threading.Thread(target=lambda: (ours.encode("hello world " * 200_000), done.set()))
+    worker.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+        time.sleep(0.005)
+    worker.join()
+    assert len(ticks) >= 5, f"only {len(ticks)} ticks while encoding"
+
+
+@pytest.mark.parametrize("vocab", [None, "ggml-vocab-llama-spm.gguf", "ggml-vocab-command-r.gguf"])
+def test_no_token_stands_for_more_characters_than_the_bound(ours, vocab):
+    """The bound that lets the engine refuse an overlong prompt without tokenizing it."""
+    tokenizer = ours if vocab is None else load_tokenizer(VOCAB / vocab)
+    bound = tokenizer.max_chars_per_token
+    assert bound is not None
+    for text in TEXTS + ["=" * 5000, " " * 5000, "\n" * 5000, "ab" * 3000]:
+        assert len(text) <= bound * max(len(tokenizer.encode(text, add_special_tokens=False)), 1 if text else 0)
+
+
+def test_a_tokenizer_that_may_shorten_the_text_has_no_bound(ours):
+    backend = Tokenizer.from_str(ours.backend.to_str())
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    assert _max_chars_per_token(backend) is None
+    backend.normalizer, backend.pre_tokenizer = None, pre_tokenizers.WhitespaceSplit()
+    assert _max_chars_per_token(backend) is None
