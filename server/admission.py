@@ -1,18 +1,24 @@
-"""The door every API request passes (an ASGI middleware): refused with 503 unless the server is ready
-(loading, draining, engine gone), refused with 413 when the body is over the limit, counted while in
-flight so that a drain knows when it is done, and counted by status when the answer is an error."""
+"""The door every API request passes (an ASGI middleware): refused with 401 without a valid API key (when keys are
+configured; checked first, so that a caller without one learns nothing more), with 503 unless the server is ready
+(loading, draining, engine gone), with 413 when the body is over the limit and with 408 when it takes longer than
+`request_body_timeout` to arrive; counted while in flight so that a drain knows when it is done, and counted by
+status when the answer is an error."""
+import asyncio
 from collections.abc import Awaitable, Callable
 
+from server.auth import key_is_valid
 from server.errors import ApiError, error_response
-from server.lifecycle import Lifecycle
+from server.lifecycle import Lifecycle, Phase
 from server.metrics import Metrics
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # always answered: probes and scrapes
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # always answered, without a key: probes and scrapes
+CLOSE = {"Connection": "close"}  # after a refusal that leaves the body half read, the connection carries no more
 
 
 class Admission:
-    def __init__(self, app, lifecycle: Lifecycle, metrics: Metrics, max_body_bytes: int):
-        self.app, self.lifecycle, self.metrics, self.max_body_bytes = app, lifecycle, metrics, max_body_bytes
+    def __init__(self, app, lifecycle: Lifecycle, metrics: Metrics, max_body_bytes: int, api_keys: tuple[str, ...]):
+        self.app, self.lifecycle, self.metrics = app, lifecycle, metrics
+        self.max_body_bytes, self.api_keys = max_body_bytes, api_keys
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -23,33 +29,59 @@ class Admission:
                 self.metrics.errors.labels(status=str(message["status"])).inc()
             await send(message)
 
+        if self.api_keys and not key_is_valid(dict(scope["headers"]).get(b"authorization", b""), self.api_keys):
+            unauthorized = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                    "invalid_api_key")
+            return await error_response(unauthorized)(scope, receive, send_counting_errors)
         if not self.lifecycle.accepting:
-            return await self._refuse_unready(scope, receive, send_counting_errors)
+            return await error_response(self._unready())(scope, receive, send_counting_errors)
         self.lifecycle.in_flight += 1  # from here on, a drain waits for this request
         try:
-            body = await self._read_body(scope, receive)
-            if body is None:
-                limit = self.max_body_bytes
-                await _refuse(413, f"the request body is over the limit of {limit} bytes ({limit / 2**20:g} MiB)",
-                              "request_too_large", scope, receive, send_counting_errors)
-            elif not self.lifecycle.accepting:  # the server began draining while the body arrived
-                await self._refuse_unready(scope, receive, send_counting_errors)
-            else:
-                await self.app(scope, _replay(body, receive), send_counting_errors)
+            await self._admit(scope, receive, send_counting_errors)
         except Exception:
             self.metrics.errors.labels(status="500").inc()  # answered by the outermost handler, past this one
             raise
         finally:
             self.lifecycle.in_flight -= 1
 
-    async def _refuse_unready(self, scope, receive, send) -> None:
-        await _refuse(503, self.lifecycle.phase.value, "service_unavailable", scope, receive, send)
+    async def _admit(self, scope, receive, send) -> None:
+        """The app, once the whole body has arrived; or a refusal."""
+        try:
+            body = await self._receive_body(scope, receive)
+        except ApiError as refusal:
+            return await error_response(refusal)(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, scope, receive) -> bytes | None:
-        """The whole body, or None as soon as it is known to be over the limit."""
+    def _unready(self, headers: dict[str, str] | None = None) -> ApiError:
+        code = "server_shutdown" if self.lifecycle.phase is Phase.DRAINING else "service_unavailable"
+        return ApiError(503, self.lifecycle.phase.value, code, headers=headers)
+
+    async def _receive_body(self, scope, receive) -> bytes:
+        """The whole body, raced against the body timeout and the drain. A request whose body is still arriving has
+        started no work, so either ends it at once: a slow client holds neither a connection nor the drain for long."""
+        timeout = self.lifecycle.config.request_body_timeout
+        reading = asyncio.ensure_future(self._read_body(scope, receive))
+        draining = asyncio.ensure_future(self.lifecycle.drain_started.wait())
+        try:
+            done, _ = await asyncio.wait({reading, draining}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reading.cancel()
+            draining.cancel()
+        if reading not in done:
+            if draining in done:
+                raise self._unready(CLOSE)
+            raise ApiError(408, f"the request body did not arrive in full within {timeout:g} s", "request_timeout",
+                           headers=CLOSE)
+        body = reading.result()
+        if not self.lifecycle.accepting:  # the server began draining (or failed) as the last bytes arrived
+            raise self._unready()
+        return body
+
+    async def _read_body(self, scope, receive) -> bytes:
+        """The whole body; a 413 as soon as it is known to be over the limit."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
+            raise self._too_large()
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -58,9 +90,14 @@ class Admission:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return None
+                raise self._too_large()
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+    def _too_large(self) -> ApiError:
+        limit = self.max_body_bytes
+        return ApiError(413, f"the request body is over the limit of {limit} bytes ({limit / 2**20:g} MiB)",
+                        "request_too_large")
 
 
 def _replay(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
@@ -70,7 +107,3 @@ def _replay(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
     async def receive_again() -> dict:
         return pending.pop() if pending else await receive()
     return receive_again
-
-
-async def _refuse(status: int, message: str, code: str, scope, receive, send) -> None:
-    await error_response(ApiError(status, message, code))(scope, receive, send)

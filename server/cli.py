@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sse-ping-interval", type=float, default=defaults.sse_ping_interval,
                    help="seconds of silence on a stream before a `: ping` comment")
     p.add_argument("--max-request-body-mib", type=float, default=defaults.max_request_body_mib)
+    p.add_argument("--request-body-timeout", type=float, default=defaults.request_body_timeout,
+                   help="seconds a request's body may take to arrive in full before the request gets 408")
+    p.add_argument("--allow-special-tokens-in-messages", action="store_true",
+                   help="parse special tokens (<|im_start|>, ...) written in chat message text as control tokens; by "
+                        "default such text is plain text, so that a user cannot write turns of other roles")
     p.add_argument("--timeout-keep-alive", type=int, default=5,
                    help="seconds an idle connection stays open; behind a load balancer, longer than its idle timeout")
     return p.parse_args(argv)
@@ -72,7 +77,9 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, api_keys=keys,
         chat_template=args.chat_template, max_queued_requests=args.max_queued_requests,
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
-        sse_ping_interval=args.sse_ping_interval, max_request_body_mib=args.max_request_body_mib)
+        sse_ping_interval=args.sse_ping_interval, max_request_body_mib=args.max_request_body_mib,
+        request_body_timeout=args.request_body_timeout,
+        special_tokens_in_messages=args.allow_special_tokens_in_messages)
     return engine, server
 
 

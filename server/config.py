@@ -12,13 +12,16 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     sse_ping_interval: float = 15.0  # seconds of silence on a stream before a `: ping` comment
     max_request_body_mib: float = 8.0  # larger bodies get 413
+    request_body_timeout: float = 30.0  # seconds a request body may take to arrive; then 408
+    special_tokens_in_messages: bool = False  # True: special tokens written in message text are parsed as such
 
     def __post_init__(self):
         checks = [(self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
                   (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be positive"),
                   (self.drain_timeout >= 0, "drain_timeout must not be negative"),
                   (self.sse_ping_interval > 0, "sse_ping_interval must be positive"),
-                  (self.max_request_body_mib > 0, "max_request_body_mib must be positive")]
+                  (self.max_request_body_mib > 0, "max_request_body_mib must be positive"),
+                  (self.request_body_timeout > 0, "request_body_timeout must be positive")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -1,8 +1,8 @@
 """The process's life. The model loads in a background thread while /health answers and /ready says 503;
-then the server is ready. The first SIGTERM (or SIGINT) drains: /ready and new requests get 503 at once,
-requests in flight get `drain_timeout` seconds to finish (then they end with an error), and the process
-exits 0. A second signal exits at once. If loading fails or the engine loop dies, the process exits 1 so
-that the orchestrator restarts it."""
+then the server is ready. The first SIGTERM (or SIGINT) drains: /ready and new requests get 503 at once, as do
+requests whose bodies are still arriving, requests in flight get `drain_timeout` seconds to finish (then they
+end with an error), and the process exits 0. A second signal exits at once. If loading fails or the engine
+loop dies, the process exits 1 so that the orchestrator restarts it."""
 import asyncio
 import logging
 import os
@@ -38,6 +38,7 @@ class Lifecycle:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop: Callable[[], None] = lambda: None  # tells the HTTP server to shut down
         self._tasks: set[asyncio.Task] = set()
+        self.drain_started = asyncio.Event()  # wakes the requests whose bodies are still arriving, to refuse them
 
     @property
     def accepting(self) -> bool:
@@ -106,6 +107,7 @@ class Lifecycle:
         if self.served is None or self.phase is not Phase.READY:
             return self._exit(0, Phase.DRAINING)
         self.phase = Phase.DRAINING
+        self.drain_started.set()
         log.info("draining: %d requests in flight get %g s to finish", self.in_flight, self.config.drain_timeout)
         self._spawn(self._drain())
 

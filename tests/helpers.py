@@ -141,3 +141,8 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     assert param is None or error["param"] == param, error
     assert text is None or text in error["message"], error
     return error
+
+
+def server_log(url: str) -> str:
+    """What the server at `url`, started by `start_server`, has written to its log so far."""
+    return (_log_dir() / f"server-{url.rsplit(':', 1)[1]}.log").read_text(errors="replace")

@@ -178,7 +178,10 @@ def test_loading_then_sigterm_drains_every_stream_and_exits_0(default_model_path
         while status(f"{url}/ready") != 200:
             assert proc.poll() is None
             if status(f"{url}/health") == 200:
-                seen.add(httpx.post(f"{url}/v1/completions", json=completion()).status_code)
+                response = httpx.post(f"{url}/v1/completions", json=completion())
+                seen.add(response.status_code)
+                if response.status_code == 503:
+                    assert_error(response, 503, "service_unavailable")  # loading: not shutting down
             time.sleep(0.05)
         assert 503 in seen  # answered, and refused, while the model loaded
         streaming, results = threading.Event(), []
@@ -188,7 +191,7 @@ def test_loading_then_sigterm_drains_every_stream_and_exits_0(default_model_path
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         assert_error(httpx.get(f"{url}/ready"), 503)
-        assert_error(httpx.post(f"{url}/v1/completions", json=completion()), 503, "service_unavailable")
+        assert_error(httpx.post(f"{url}/v1/completions", json=completion()), 503, "server_shutdown")
         runner.join()
         assert proc.wait(timeout=60) == 0
     finally:
