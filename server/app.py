@@ -2,12 +2,11 @@
 import asyncio
 import contextlib
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from server import errors
 from server.admission import Admission
-from server.auth import require_key
 from server.config import ServerConfig
 from server.errors import ApiError
 from server.lifecycle import Lifecycle
@@ -68,9 +67,9 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
 
     config = lifecycle.config
     app = FastAPI(title="nanoserve", description="OpenAI-compatible LLM server", lifespan=lifespan)
-    app.add_middleware(Admission, lifecycle=lifecycle, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Admission, lifecycle=lifecycle, metrics=metrics, max_body_bytes=config.max_body_bytes,
+                       api_keys=config.api_keys)
     errors.install(app)
-    guarded = [Depends(require_key(config.api_keys))]
 
     # The routes below read `lifecycle.served`: the admission middleware lets requests in only once it is set.
     async def respond(request: Request, body, inputs, chat_style: bool):
@@ -95,11 +94,11 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         finally:
             run.close()
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await respond(request, body, completion_inputs, chat_style=False)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await respond(request, body, chat_inputs, chat_style=True)
 
@@ -107,16 +106,16 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         return {"id": lifecycle.served.model_name, "object": "model", "created": now(), "owned_by": "nanoserve",
                 "max_model_len": lifecycle.served.max_model_len}
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         lifecycle.served.check_model(model_id)
         return model_card()
 
-    @app.post("/tokenize", dependencies=guarded)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         served = lifecycle.served
         served.check_model(body.model)
@@ -126,15 +125,11 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
             tokens = await asyncio.to_thread(served.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}
 
-    @app.post("/detokenize", dependencies=guarded)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         served = lifecycle.served
         served.check_model(body.model)
-        vocab = served.tokenizer.vocab_size
-        if bad := [t for t in body.tokens if not 0 <= t < vocab]:
-            raise ApiError(400, f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", "invalid_tokens",
-                           "tokens")
-        return {"prompt": served.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": await asyncio.to_thread(served.detokenize, body.tokens)}
 
     @app.get("/health")
     async def health():

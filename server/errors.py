@@ -64,9 +64,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
-        message = {400: "the body is not valid JSON in UTF-8", 404: "no such route",
-                   405: "method not allowed"}.get(exc.status_code, str(exc.detail))  # 400: FastAPI's body parsing
-        return JSONResponse(envelope(exc.status_code, message), exc.status_code, headers=exc.headers)
+        message, code = {400: ("the body is not valid JSON in UTF-8", "invalid_request"),  # FastAPI's body parsing
+                         404: ("no such route", None),
+                         405: ("method not allowed", None)}.get(exc.status_code, (str(exc.detail), None))
+        return JSONResponse(envelope(exc.status_code, message, code), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception):

@@ -1,18 +1,27 @@
 """Request and response bodies of the OpenAI API (field names, types and defaults as OpenAI has them)."""
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.params import SamplingParams
+from engine.params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 MAX_PROMPTS = 128  # prompts in one completion request
 MAX_STOP = 4  # stop strings in one request, as OpenAI allows
+MAX_MESSAGES = 2048  # messages in one chat request, as OpenAI allows; and parts in one message
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # unknown fields are a 400 naming them, as OpenAI answers
+    # Unknown fields are a 400 naming them, as OpenAI answers; and no coercion: OpenAI refuses "3" or true for a
+    # number, and [true, false] or [1.0] for token ids (an int still passes for a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# A list that stops at its first bad item: validating each of millions of items against every member of a union,
+# and reporting each one, held the event loop for seconds.
+FailFast = Field(fail_fast=True)
+TokenIds = Annotated[list[int], FailFast]
 
 
 class StreamOptions(StrictModel):
@@ -49,7 +58,7 @@ class SamplingFields(StrictModel):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
@@ -80,7 +89,7 @@ class SamplingFields(StrictModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Annotated[list[str], FailFast] | TokenIds | Annotated[list[TokenIds], FailFast]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = None
     echo: bool | None = False
@@ -110,7 +119,7 @@ class TextPart(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]  # null only goes with tool calls, which are not supported yet
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]  # null only goes with tool calls
     name: str | None = None
 
     def for_template(self) -> dict:
@@ -120,7 +129,7 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
@@ -144,7 +153,7 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
@@ -157,7 +166,7 @@ class TokenizeRequest(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 class Usage(BaseModel):

@@ -87,7 +87,19 @@ def completion(**fields) -> dict:
     (json.dumps(completion(prompt={"text": "hi"})).encode(), "prompt", None),
     (json.dumps(completion(max_tokens=-5)).encode(), "max_tokens", None),
     (json.dumps(completion(max_tokens=10**30)).encode(), "prompt", str(CONTEXT)),
-    (json.dumps(completion(seed=2**70)).encode(), None, "seed"),
+    (json.dumps(completion(seed=2**70)).encode(), "seed", "seed"),
+    (json.dumps(completion(seed=2**64 - 1)).encode(), "seed", "seed"),  # torch would wrap it onto -1
+    (json.dumps(completion(min_tokens=5, max_tokens=4)).encode(), "min_tokens", "min_tokens"),
+    (json.dumps(completion(stop=[""])).encode(), "stop", "non-empty"),
+    (json.dumps(completion(stop="x" * 5000)).encode(), "stop", "4096"),
+    (json.dumps(completion(stop_token_ids=list(range(2000)))).encode(), "stop_token_ids", "1024"),
+    # no coercion, as OpenAI: booleans are not token ids, strings and booleans are not numbers
+    (json.dumps(completion(prompt=[True, False])).encode(), "prompt", None),
+    (json.dumps(completion(prompt=[[1, 2], [True]])).encode(), "prompt", None),
+    (json.dumps(completion(max_tokens="3")).encode(), "max_tokens", None),
+    (json.dumps(completion(max_tokens=True)).encode(), "max_tokens", None),
+    (json.dumps(completion(stop_token_ids=[1.0])).encode(), "stop_token_ids.0", None),
+    (json.dumps(completion(stream="yes")).encode(), "stream", None),
     (json.dumps(completion(top_p=0)).encode(), "top_p", None),
     (json.dumps(completion(n=3)).encode(), "n", "1"),
     (json.dumps(completion(stop=["a", "b", "c", "d", "e"])).encode(), "stop", "at most 4"),
@@ -96,7 +108,8 @@ def completion(**fields) -> dict:
     (json.dumps(completion(prompt=[1, 2, 32000])).encode(), "prompt", "vocabulary"),
     (json.dumps(completion(prompt=[1, -2])).encode(), "prompt", "vocabulary"),
     (json.dumps(completion(stop_token_ids=[10**12], min_tokens=2)).encode(), "stop_token_ids", "stop_token_ids"),
-    (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "maximum context length"),
+    (json.dumps(completion(prompt="word " * 300)).encode(), "prompt", "maximum context length"),
+    (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "more than the 128 tokens"),  # not tokenized
     (json.dumps(completion(logprobs=0)).encode(), None, "logprobs"),  # 0 asks for the sampled token's
     # refused by the engine's own checks, which run before a stream starts: a 400, not an error event after a 200
     (json.dumps(completion(prompt=[1, 2, 32000], stream=True)).encode(), "prompt", "vocabulary"),
@@ -105,6 +118,27 @@ def completion(**fields) -> dict:
 ])
 def test_hand_written_bad_completions(url, body, param, text):
     assert_error(raw(url, body), 400, param=param, text=text)
+
+
+def test_a_body_that_is_not_utf8_has_a_code(url):
+    assert_error(raw(url, b'{"model": "tiny", "prompt": "\xff\xfe caf\xe9"}'), 400, code="invalid_request")
+
+
+@pytest.mark.parametrize("kwargs,param,text", [
+    ({"add_generation_prompt": False}, "chat_template_kwargs", "add_generation_prompt"),
+    ({"messages": []}, "chat_template_kwargs", "messages"),
+])
+def test_reserved_chat_template_kwargs_are_charged_to_that_field(url, kwargs, param, text):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs}
+    assert_error(raw(url, json.dumps(body).encode(), "/v1/chat/completions"), 400, param=param, text=text)
+
+
+def test_a_template_variable_named_self_is_only_a_variable(url):
+    """`self` used to clash with the renderer's own argument ("got multiple values for argument 'self'")."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"self": 1},
+            "max_tokens": 2}
+    response = raw(url, json.dumps(body).encode(), "/v1/chat/completions")
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("body", [
@@ -124,9 +158,9 @@ def test_hand_written_bad_chats(url, body):
 def test_odd_but_valid_values_run(url):
     """Values at the edges that must run, not crash the engine: a top_k beyond the vocabulary beside one
     within it, tiny temperatures (greedy below 1e-5, as in vLLM), a seed at the 64-bit edge, nulls for
-    parameters not supported yet (null is "not used")."""
-    bodies = [completion(top_k=10**12, seed=2**64 - 1), completion(top_k=3, temperature=1e-30, seed=-2**63),
-              completion(temperature=1e-300), completion(echo=None, presence_penalty=None, frequency_penalty=None)]
+    parameters not supported yet (null is "not used"), an int where a float goes."""
+    bodies = [completion(top_k=10**12, seed=2**63 - 1), completion(top_k=3, temperature=1e-30, seed=-2**63),
+              completion(temperature=1e-300), completion(temperature=1, top_p=1), completion(echo=None, presence_penalty=None, frequency_penalty=None)]
     for body in bodies:
         response = raw(url, json.dumps(body).encode())
         assert response.status_code == 200, response.text

@@ -199,6 +199,8 @@ def test_tokenize_and_detokenize(base_url, llm):
     assert chat["tokens"][0] == 1 and chat["count"] == len(chat["tokens"])
     assert _post(base_url, "/detokenize", {"model": MODEL, "tokens": out["tokens"]}).json() == {"prompt": "Hello world"}
     assert_error(_post(base_url, "/detokenize", {"model": MODEL, "tokens": [-1]}), 400, param="tokens")
+    assert_error(_post(base_url, "/detokenize", {"model": MODEL, "tokens": [1] * 513}), 400, param="tokens",
+                 text="more than the context's 512")
 
 
 def test_disconnect_mid_stream_frees_every_block(base_url):
@@ -215,7 +217,7 @@ def test_disconnect_mid_stream_frees_every_block(base_url):
 
 
 def test_openapi_describes_the_bodies(base_url):
-    schema = httpx.get(f"{base_url}/openapi.json").json()
+    schema = httpx.get(f"{base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"model", "prompt", "max_tokens", "stream", "top_k"} <= set(fields)
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
