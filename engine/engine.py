@@ -84,13 +84,17 @@ class LLMEngine:
         return request_id
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """A prompt's token ids; `RequestRefused` without tokenizing it when it has more characters than the
-        longest prompt that fits can have (tokenizing megabytes takes seconds)."""
+        """A prompt's token ids, once `check_prompt_chars` lets it through."""
+        self.check_prompt_chars(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_prompt_chars(self, text: str) -> None:
+        """`RequestRefused` when the prompt has more characters than the longest prompt that fits can have: it is
+        refused without tokenizing it (tokenizing megabytes takes seconds)."""
         limit, per_token = self._max_tokens_in_context(), self.tokenizer.max_chars_per_token
         if per_token is not None and len(text) > limit * per_token:
             raise RequestRefused(f"the prompt has {len(text)} characters: more than the {limit} tokens of the context "
                                  f"can hold (a token stands for at most {per_token})", "length")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _max_tokens_in_context(self) -> int:
         return min(self.max_model_len, self.pool.num_blocks * self.config.block_size)

@@ -1,6 +1,9 @@
 """Tokenizers from `tokenizer.json` folders and from GGUF vocabularies, as `tokenizers.Tokenizer`s."""
 import json
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
@@ -24,6 +27,7 @@ class Tokenizer:
     chat_template: str | None
 
     max_chars_per_token: int | None = field(init=False)  # the most text one token stands for; None: unknown
+    _markups: dict[str, "Markup"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.max_chars_per_token = _max_chars_per_token(self.backend)
@@ -37,11 +41,85 @@ class Tokenizer:
         # the server's event loop must go on meanwhile.
         return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def markup(self, template: str) -> "Markup":
+        """The chat template's markup tokens in this vocabulary. Built once per template (a server renders one all
+        its life): finding them scans the template for every added token."""
+        if template not in self._markups:
+            self._markups[template] = Markup(self.backend, template)
+        return self._markups[template]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+
+class Markup:
+    """The tokens a chat template writes as markup, by their text: the special tokens, and the other added tokens
+    whose text the template has (Command-R's <|START_OF_TURN_TOKEN|> starts its turns, yet its vocabulary does not
+    mark it special). Added tokens the template does not use stay ordinary text that `encode` matches whole, and so
+    do those that are only whitespace (runs of spaces in code vocabularies): a template's indentation is layout."""
+
+    def __init__(self, backend: Backend, template: str):
+        self.backend = backend
+        self.tokens = {token.content: i for i, token in backend.get_added_tokens_decoder().items()
+                       if token.special or (token.content.strip() and token.content in template)}
+
+    def encode(self, text: str, plain: Callable[[str], str]) -> list[int]:
+        """`text`'s ids, no special tokens added, where its markup strings are the markup tokens, as `encode` reads
+        them, and each piece between them is passed through `plain` and read as plain text, markup strings included.
+        The library tokenizes the text between added tokens piece by piece as well, so where `plain` changes nothing
+        the ids are `encode`'s (all but exactly for a tokenizer.json whose added tokens strip spaces or match
+        normalized text, or whose Metaspace marks the text's first piece only)."""
+        parts = self._pattern.split(text)  # the pieces at even places, the markup tokens between them
+        pieces = self._plain_text_backend.encode_batch([plain(p) for p in parts[::2]], add_special_tokens=False)
+        ids = pieces[0].ids
+        for token, piece in zip(parts[1::2], pieces[1:]):
+            ids += [self.tokens[token], *piece.ids]
+        return ids
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        """Finds the markup strings as the library does: leftmost, and the longest of those starting there."""
+        return re.compile(f"({alternation(self.tokens)})")
+
+    @cached_property
+    def _plain_text_backend(self) -> Backend:
+        """The backend, but reading markup strings as text: they are added as special tokens, which
+        `encode_special_tokens` tokenizes as text, and the other added tokens as they are. It shares the model (a copy
+        of a large vocabulary takes seconds, holding the GIL); the added tokens, added again in the order of their
+        ids, get those ids."""
+        backend = Backend(self.backend.model)
+        backend.normalizer, backend.pre_tokenizer = self.backend.normalizer, self.backend.pre_tokenizer
+        added = self.backend.get_added_tokens_decoder()
+        backend.add_tokens([_as_special(added[i]) if added[i].content in self.tokens else added[i]
+                            for i in sorted(added)])
+        backend.encode_special_tokens = True
+        return backend
+
+
+def _as_special(token: AddedToken) -> AddedToken:
+    return AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
+                      normalized=token.normalized, special=True)
+
+
+def alternation(words: Iterable[str]) -> str:
+    """A regex matching any of `words`, the longest of those that start at a place, written as a trie: where no
+    word matches it tries a character per level, not every word (Llama 3's 256 special tokens begin alike)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a word ends here
+    return _trie_pattern(trie) if trie else "(?!)"
+
+
+def _trie_pattern(node: dict) -> str:
+    branches = [re.escape(char) + _trie_pattern(child) for char, child in node.items() if char]
+    branches += [""] if "" in node else []  # the word that ends here: after the longer ones
+    return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
 
 
 # Normalizers and pre-tokenizers that never make text shorter (or drop it): with them, no token stands for more

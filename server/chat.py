@@ -1,5 +1,7 @@
 """Chat templates: which one a model uses, and rendering it as Hugging Face's renderer does."""
 import json
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from importlib.resources import files
@@ -9,13 +11,21 @@ from jinja2 import TemplateError, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from models.tokenizer import alternation
+
 BUILTIN_DIR = Path(str(files("chat_templates")))
 # The built-in template for a model that brings none of its own.
 BY_ARCHITECTURE = {"LlamaForCausalLM": "llama-2-chat", "CohereForCausalLM": "command-r"}
+# Characters of Unicode's private use area mean nothing to any vocabulary; one the template lacks marks placeholders.
+PRIVATE_USE = range(0xE000, 0xF900)
 
 
 class ChatTemplateError(ValueError):
-    """The template is missing or refused the conversation (a 400 for the client)."""
+    """The template is missing or refused the conversation (a 400 for the client); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 class _GenerationTag(Extension):
@@ -75,13 +85,89 @@ def render(template: str | None, messages: list[dict], add_generation_prompt: bo
     if template is None:
         raise ChatTemplateError("this model has no chat template; start the server with --chat-template")
     if clash := [name for name in RESERVED if name in extra]:
-        raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}")
+        raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    try:
-        return _environment().from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-            eos_token=eos_token, **extra)
+    variables = {**extra, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                 "bos_token": bos_token, "eos_token": eos_token}
+    try:  # one dict, not keywords: a variable named `self` would clash with render's own argument
+        return _environment().from_string(template).render(variables)
     except Exception as exc:  # noqa: BLE001 - Jinja's errors, undefined names, sandbox violations, and the
         # Python errors of a template's own operations on the request's values ("a" + 1): all the request's 400
         detail = exc if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
         raise ChatTemplateError(f"chat template error: {detail}") from exc
+
+
+class RequestText:
+    """The request's strings (message contents and names, chat_template_kwargs at any depth) made plain text for
+    the template. `escape` replaces each markup token's string in them (the template's markup: `Tokenizer.markup`)
+    by a placeholder, and so the start of a string that ends a markup token and the end of one that begins one, which
+    the text beside them in the rendering could complete; `unescape` brings them back in rendered text. The markup
+    tokens of a rendering are then the template's own. A placeholder is the marker, a number and the marker; the
+    marker in request strings is escaped too."""
+
+    def __init__(self, markup_tokens: tuple[str, ...], template: str):
+        self.syntax = _syntax(markup_tokens, template) if markup_tokens else None  # None: nothing to escape
+        self.placeholders: dict[str, str] = {}  # by the text they stand for
+        self.originals: dict[str, str] = {}  # by placeholder
+
+    @property
+    def escaped(self) -> bool:
+        return bool(self.placeholders)
+
+    def escape(self, value):
+        """`value`, a string or lists and dicts of them at any depth, with each string escaped (keys too)."""
+        return self._escape(value) if self.syntax else value
+
+    def unescape(self, text: str) -> str:
+        # .get: a template that cut or reversed a string may have left a marker and digits that are no placeholder
+        return self.syntax.placeholder.sub(lambda match: self.originals.get(match[0], match[0]), text)
+
+    def _escape(self, value):
+        if isinstance(value, str):
+            return self._escape_string(value)
+        # map, not comprehensions, which cost a frame of their own before Python 3.12: JSON nested as deep as the
+        # parser takes (about 990 levels) escapes within the recursion limit
+        if isinstance(value, dict):
+            return dict(zip(map(self._escape, value), map(self._escape, value.values())))
+        if isinstance(value, list):
+            return list(map(self._escape, value))
+        return value
+
+    def _escape_string(self, text: str) -> str:
+        syntax = self.syntax
+        text = syntax.anywhere.sub(lambda match: self._placeholder(match[0]), text)
+        if start := syntax.start.match(text):
+            text = self._placeholder(start[0]) + text[start.end():]
+        if end := syntax.end.search(text[-syntax.longest:]):
+            text = text[:len(text) - len(end[0])] + self._placeholder(end[0])
+        return text
+
+    def _placeholder(self, original: str) -> str:
+        if original not in self.placeholders:
+            placeholder = f"{self.syntax.marker}{len(self.placeholders)}{self.syntax.marker}"
+            self.placeholders[original], self.originals[placeholder] = placeholder, original
+        return self.placeholders[original]
+
+
+@dataclass(frozen=True)
+class _Syntax:
+    """What `RequestText` escapes for one vocabulary and template, and how it writes placeholders."""
+    marker: str  # a private-use character that neither the template nor any markup token has
+    anywhere: re.Pattern  # markup-token strings and the marker
+    start: re.Pattern  # the end of a markup token (matched at the start of a string)
+    end: re.Pattern  # the start of one (searched for in a string's last `longest` characters)
+    longest: int
+    placeholder: re.Pattern
+
+
+@lru_cache(maxsize=8)
+def _syntax(markup_tokens: tuple[str, ...], template: str) -> _Syntax:
+    """Built once per vocabulary and template. The patterns are tries: a few MiB of text take tens of milliseconds
+    to scan, whatever it holds."""
+    marker = next(chr(c) for c in PRIVATE_USE
+                  if chr(c) not in template and not any(chr(c) in token for token in markup_tokens))
+    ends = {token[i:] for token in markup_tokens for i in range(1, len(token))}
+    starts = {token[:i] for token in markup_tokens for i in range(1, len(token))}
+    return _Syntax(marker, re.compile(alternation([marker, *markup_tokens])), re.compile(alternation(ends)),
+                   re.compile(f"{alternation(starts)}\\Z"), max(map(len, markup_tokens)),
+                   re.compile(f"{marker}[0-9]+{marker}"))

@@ -86,7 +86,7 @@ def test_huge_requests_are_refused_while_health_and_streams_go_on(url):
     assert during, "no /health probe was answered while the big requests were in progress"
     gaps = [b - a for a, b in zip(stamps, stamps[1:]) if first_sent <= b <= last_answered + 1.0]
     assert len(stamps) == 301 and gaps, "the stream did not run while the big requests were in progress"
-    # Generous bounds: with the GIL held by tokenization and validation, probes and streams stalled for 4-8 s.
-    assert max(during) < 1.0, f"/health took up to {max(during):.2f} s: {sorted(during)[-5:]}"
-    assert max(gaps) < 2.0, f"the stream stalled for {max(gaps):.2f} s"
+    # Generous bounds: with the GIL held by tokenization and validation, /health stalled for 11 s and the stream 27 s.
+    assert max(during) < 2.0, f"/health took up to {max(during):.2f} s: {sorted(during)[-5:]}"
+    assert max(gaps) < 3.0, f"the stream stalled for {max(gaps):.2f} s"
     assert_idle(url)
