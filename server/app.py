@@ -5,8 +5,7 @@ import contextlib
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server import errors
-from server.admission import Admission
+from server import errors, middleware
 from server.config import ServerConfig
 from server.errors import ApiError
 from server.lifecycle import Lifecycle
@@ -67,8 +66,7 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
 
     config = lifecycle.config
     app = FastAPI(title="nanoserve", description="OpenAI-compatible LLM server", lifespan=lifespan)
-    app.add_middleware(Admission, lifecycle=lifecycle, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       api_keys=config.api_keys)
+    middleware.install(app, lifecycle, metrics)
     errors.install(app)
 
     # The routes below read `lifecycle.served`: the admission middleware lets requests in only once it is set.
@@ -79,6 +77,7 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         prompts, params = await asyncio.to_thread(inputs, served, body)
         exchange = Exchange(served, chat_style)
         run = served.start(prompts, params, exchange.id, request_timeout(request, config))
+        request.state.run = run  # its tokens and timings go into the request's log line
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(exchange.stream(run.outputs(), len(prompts), include_usage), run)
@@ -104,7 +103,7 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
 
     def model_card() -> dict:
         return {"id": lifecycle.served.model_name, "object": "model", "created": now(), "owned_by": "nanoserve",
-                "max_model_len": lifecycle.served.max_model_len}
+                "root": lifecycle.served.model_root, "parent": None, "max_model_len": lifecycle.served.max_model_len}
 
     @app.get("/v1/models")
     async def models():

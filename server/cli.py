@@ -1,6 +1,7 @@
 """`python -m server`: flags (vLLM's names where vLLM has them) to the engine and server configurations,
 then uvicorn, which answers /health at once while the model loads in the background."""
 import argparse
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,17 @@ from server.metrics import Metrics
 from server.serving import Served
 
 API_KEY_ENV = "NANOSERVE_API_KEY"  # one key, or several separated by commas
+
+
+def json_list(text: str) -> tuple[str, ...]:
+    """A flag's JSON list of strings, as vLLM's CORS flags take them: '["https://app.example"]'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"not a JSON list of strings, such as '[\"*\"]': {text!r}")
+    return tuple(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-special-tokens-in-messages", action="store_true",
                    help="parse special tokens (<|im_start|>, ...) written in chat message text as control tokens; by "
                         "default such text is plain text, so that a user cannot write turns of other roles")
+    p.add_argument("--allowed-origins", type=json_list, default=defaults.allowed_origins,
+                   help='CORS: the origins allowed to call the API from a browser, a JSON list (default: ["*"])')
+    p.add_argument("--allowed-methods", type=json_list, default=defaults.allowed_methods,
+                   help='CORS: the methods allowed, a JSON list (default: ["*"])')
+    p.add_argument("--allowed-headers", type=json_list, default=defaults.allowed_headers,
+                   help='CORS: the request headers allowed, a JSON list (default: ["*"])')
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: let browsers send credentials (cookies)")
     p.add_argument("--timeout-keep-alive", type=int, default=5,
                    help="seconds an idle connection stays open; behind a load balancer, longer than its idle timeout")
     return p.parse_args(argv)
@@ -79,7 +98,9 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
         sse_ping_interval=args.sse_ping_interval, max_request_body_mib=args.max_request_body_mib,
         request_body_timeout=args.request_body_timeout,
-        special_tokens_in_messages=args.allow_special_tokens_in_messages)
+        special_tokens_in_messages=args.allow_special_tokens_in_messages, allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials)
     return engine, server
 
 

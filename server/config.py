@@ -14,6 +14,11 @@ class ServerConfig:
     max_request_body_mib: float = 8.0  # larger bodies get 413
     request_body_timeout: float = 30.0  # seconds a request body may take to arrive; then 408
     special_tokens_in_messages: bool = False  # True: special tokens written in message text are parsed as such
+    # CORS, as vLLM's flags: which browser pages (origins) may call the API, with which methods and headers.
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False  # True: browsers may send cookies and HTTP authentication along
 
     def __post_init__(self):
         checks = [(self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),

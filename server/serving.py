@@ -1,15 +1,17 @@
 """From OpenAI requests to engine requests and back: prompts, limits, responses and stream chunks."""
 import asyncio
+import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.engine import RequestRefused
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.params import SamplingParams
+from engine.params import ParamError, SamplingParams
+from models.default_model import DEFAULT_MODEL
 from server import chat
 from server.config import ServerConfig
 from server.errors import ApiError, envelope
@@ -45,6 +47,11 @@ class Served:
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
 
+    @property
+    def model_root(self) -> str:
+        """The model as the operator named it (`--model`, a folder or file): vLLM's `root` in /v1/models."""
+        return self.engine.engine.config.model or DEFAULT_MODEL
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -53,34 +60,58 @@ class Served:
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         if not isinstance(prompt, str):
             return list(prompt)
+        tokenize = functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens)
+        return self._checked_tokenize(prompt, tokenize, param)
+
+    def _checked_tokenize(self, text: str, tokenize: Callable[[str], list[int]], param: str) -> list[int]:
+        """`tokenize(text)`, once the text passes the checks every text prompt passes: valid Unicode, and no more
+        characters than the context can hold (refused without tokenizing: megabytes take seconds)."""
         try:
-            prompt.encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ApiError(400, f"the text is not valid Unicode: {exc.reason} at {exc.start}", "invalid_text",
                            param) from exc
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        with _refusal_as_400(param):
+            self.engine.engine.check_prompt_chars(text)
+        return tokenize(text)
 
     def chat_prompt_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None = None) -> list[int]:
         """The conversation rendered and tokenized without adding special tokens: the template wrote BOS
-        itself. A template error is the client's 400."""
+        itself. The request's strings are plain text, markup-token strings in them included, unless the server lets
+        them be markup. A template error is the client's 400."""
         tok = self.tokenizer
         special = lambda i: tok.token_text(i) if i is not None else ""  # noqa: E731
+        markup = tok.markup(self.chat_template or "")
+        request = chat.RequestText(() if self.config.special_tokens_in_messages else tuple(markup.tokens),
+                                   self.chat_template or "")
         try:
-            text = chat.render(self.chat_template, [m.for_template() for m in messages],
+            text = chat.render(self.chat_template, request.escape([m.for_template() for m in messages]),
                                add_generation_prompt, special(tok.bos_token_id),
-                               special(tok.eos_token_ids[0] if tok.eos_token_ids else None), template_kwargs)
+                               special(tok.eos_token_ids[0] if tok.eos_token_ids else None),
+                               request.escape(template_kwargs))
         except chat.ChatTemplateError as exc:
-            raise ApiError(400, str(exc), "invalid_chat_template", "messages") from exc
-        return self.encode(text, add_special_tokens=False, param="messages")
+            raise ApiError(400, str(exc), "invalid_chat_template", exc.param) from exc
+        if not request.escaped:  # the common case: the library reads the rendering as it is
+            return self.encode(text, add_special_tokens=False, param="messages")
+        # the markup strings in `text` are the template's; the request's are placeholders, brought back as text
+        return self._checked_tokenize(text, functools.partial(markup.encode, plain=request.unescape), "messages")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """`/detokenize`: at most a context's worth of ids (a few MiB of JSON carry millions), all in the vocabulary."""
+        if len(tokens) > self.max_model_len:
+            raise ApiError(400, f"{len(tokens)} token ids: more than the context's {self.max_model_len}",
+                           "invalid_tokens", "tokens")
+        vocab = self.tokenizer.vocab_size
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            raise ApiError(400, f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", "invalid_tokens",
+                           "tokens")
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     def check_fits(self, ids: list[int], params: SamplingParams, param: str) -> None:
         """The engine's own checks, run before any response starts: a refused stream is a 400, not an error
         event after a 200. `param` names the prompt's field, to which a length error is charged too."""
-        try:
+        with _refusal_as_400(param):
             self.engine.engine.check_request(ids, params)
-        except RequestRefused as exc:
-            code, field = _REFUSALS[exc.what]
-            raise ApiError(400, str(exc), code, field or param) from exc
 
     def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
               timeout: float | None) -> "Run":
@@ -114,6 +145,9 @@ class Run:
         self.generated: dict[int, int] = {}  # tokens out so far, for prompts that started and did not finish
         self.waiting = set(range(len(prompts)))  # prompts with no output yet
         self.last_output = [0.0] * len(prompts)
+        # For the request's log line (server/middleware.py): when the first token came, and each prompt's tokens out.
+        self.first_output_at: float | None = None
+        self.output_tokens = [0] * len(prompts)
         self.closed = False
         self.failed = False  # an error came in (a refused prompt, the drain, a dead engine): no aborts to count
         self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}"))
@@ -157,10 +191,11 @@ class Run:
         if index in self.waiting:
             self.waiting.discard(index)
             self.served.queued -= 1
+            self.first_output_at = self.first_output_at or now
         else:
             metrics.inter_token_latency.observe(now - self.last_output[index])
         self.last_output[index] = now
-        self.generated[index] = len(out.outputs[0].token_ids)
+        self.generated[index] = self.output_tokens[index] = len(out.outputs[0].token_ids)
         if out.finished:
             del self.generated[index]
             metrics.finished(out)
@@ -178,6 +213,17 @@ class Run:
             self.served.metrics.aborted(len(self.prompts[index]), 0)
         for index, count in self.generated.items():
             self.served.metrics.aborted(len(self.prompts[index]), count)
+
+
+@contextlib.contextmanager
+def _refusal_as_400(param: str):
+    """The engine's refusals as the client's 400s; `param` names the prompt's field, which a length error is
+    charged to as well."""
+    try:
+        yield
+    except RequestRefused as exc:
+        code, field = _REFUSALS[exc.what]
+        raise ApiError(400, str(exc), code, field or param) from exc
 
 
 def _as_api_error(exc: Exception) -> Exception:
@@ -293,5 +339,8 @@ def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[i
 def _params(req, max_tokens: int | None) -> SamplingParams:
     try:
         return req.sampling_params(max_tokens)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), "invalid_request") from exc
+    except ParamError as exc:
+        param = exc.param
+        if param == "max_tokens" and getattr(req, "max_completion_tokens", None):
+            param = "max_completion_tokens"  # the chat field the limit came from
+        raise ApiError(400, str(exc), "invalid_request", param) from exc
