@@ -11,10 +11,9 @@ from collections import Counter
 
 import httpx
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.protocol import NOT_YET_SUPPORTED
-from tests.helpers import assert_error, assert_idle, running_server, tiny_checkpoint
+from tests.helpers import assert_error, assert_idle, running_server, tiny_llama
 
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "nanoserve-hypothesis"))
 import schemathesis  # noqa: E402 - after the storage folder is set, so that nothing is written into the repo
@@ -30,10 +29,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT)
-    folder = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), LlamaForCausalLM, config, "ggml-vocab-llama-spm.gguf",
-                             {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    folder = tiny_llama(tmp_path_factory.mktemp("tiny"), CONTEXT)
     with running_server("--model", str(folder), "--served-model-name", MODEL, "--num-kv-blocks", "64",
                         "--chat-template", "chatml", "--request-timeout", "20", env={"NANOSERVE_API_KEY": KEY}) as base:
         yield base

@@ -7,10 +7,9 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.cli import parse_args
-from tests.helpers import assert_error, running_server, server_log, tiny_checkpoint
+from tests.helpers import assert_error, running_server, server_log, tiny_llama
 
 KEY = "edge-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,10 +25,7 @@ PATIENCE = 30  # seconds to wait for a log line that should take milliseconds
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), LlamaForCausalLM, config, "ggml-vocab-llama-spm.gguf",
-                           {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    return tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

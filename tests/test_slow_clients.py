@@ -6,9 +6,8 @@ import time
 
 import httpx
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.helpers import assert_error, running_server, server_log, start_server, status, stop_server, tiny_checkpoint
+from tests.helpers import assert_error, running_server, server_log, start_server, status, stop_server, tiny_llama
 
 KEY = "slow-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -17,10 +16,7 @@ PATIENCE = 30  # seconds a test waits for an answer that should take one or two
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), LlamaForCausalLM, config, "ggml-vocab-llama-spm.gguf",
-                           {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    return tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
