@@ -97,17 +97,20 @@ class LLMEngine:
                                  f"can hold (a token stands for at most {per_token})", "length")
 
     def _max_tokens_in_context(self) -> int:
-        return min(self.max_model_len, self.pool.num_blocks * self.config.block_size)
+        return min(self.max_model_len, self._cache_tokens)
+
+    @property
+    def _cache_tokens(self) -> int:
+        return self.pool.num_blocks * self.config.block_size
 
     def check_request(self, ids: list[int], params: SamplingParams) -> int:
         """The request's max_tokens (all that fits when it has none), or `RequestRefused` saying why it can never
         run. Reads only what never changes: any thread may call it."""
         if not ids:
             raise RequestRefused("the prompt is empty", "prompt")
-        cache_tokens = self.pool.num_blocks * self.config.block_size
         wanted = len(ids) + (params.max_tokens or 1)
         for limit, what in ((self.max_model_len, "the model's maximum context length"),
-                            (cache_tokens, "the KV cache's capacity")):
+                            (self._cache_tokens, "the KV cache's capacity")):
             if wanted > limit:  # checked first: it costs nothing, and bounds the scans below
                 asked = f" and max_tokens is {params.max_tokens}, {wanted} in all" if params.max_tokens else ""
                 raise RequestRefused(f"the prompt has {len(ids)} tokens{asked}: over {what} of {limit} tokens",
