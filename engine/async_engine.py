@@ -71,8 +71,8 @@ class AsyncLLMEngine:
             self._deliver(request_id, error)
         while not self._inbox.empty():
             kind, _, payload = self._inbox.get_nowait()
-            if kind == "add" and payload[2].set_running_or_notify_cancel():
-                payload[2].set_exception(error)
+            if kind == "add" and payload[-1].set_running_or_notify_cancel():
+                payload[-1].set_exception(error)
 
     def _handle(self, message) -> None:
         if message is None:
@@ -84,11 +84,11 @@ class AsyncLLMEngine:
         if kind == "abort":
             self.engine.abort(request_id)
             return
-        prompt, params, future = payload
+        prompt, params, cache_salt, future = payload
         if not future.set_running_or_notify_cancel():
             return  # the caller left before the request was added; nothing to undo
         try:
-            future.set_result(self.engine.add_request(prompt, params, request_id))
+            future.set_result(self.engine.add_request(prompt, params, request_id, cache_salt))
         except Exception as exc:  # noqa: BLE001 - handed to the caller, who maps it to a 400
             future.set_exception(exc)
 
@@ -98,9 +98,10 @@ class AsyncLLMEngine:
             loop, stream = entry
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it runs; raises ValueError at once if the request cannot run."""
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it runs; raises ValueError at once if the request cannot run. Requests share
+        cached prompt blocks only with requests of the same `cache_salt`."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or uuid.uuid4().hex
@@ -109,7 +110,7 @@ class AsyncLLMEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         added: Future = Future()
-        self._inbox.put(("add", request_id, (prompt, params, added)))
+        self._inbox.put(("add", request_id, (prompt, params, cache_salt, added)))
         if self.error is not None:  # the loop died before it could see this request
             del self._streams[request_id]
             raise EngineDeadError(f"the engine stopped: {self.error}")
@@ -121,7 +122,7 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
-                if finished and item.outputs[0].finish_reason == "error":
+                if finished and any(c.finish_reason == "error" for c in item.outputs):
                     raise RequestFailedError(f"the request failed in the engine (see the server's log): {request_id}")
                 yield item
         finally:

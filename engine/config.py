@@ -14,11 +14,17 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides both sizes above
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max_model_len (whole prompts run in one step)
+    # Tokens one step may compute. Default: 512 on the CPU, 8192 on a GPU with chunked prefill (see
+    # `default_token_budget`); max_model_len without it, so that a whole prompt runs in one step.
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True  # a long prompt is computed over several steps, beside running decodes
+    enable_prefix_caching: bool = True  # full KV blocks are kept and reused by prompts that begin alike
     seed: int = 0  # for requests without a seed of their own
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class RequestRefused(ValueError):
     """A request that can never run. `what`: "prompt" (empty, or ids outside the vocabulary), "stop_token_ids",
-    or "length" (the prompt and max_tokens together exceed the context length or the whole KV cache)."""
+    "length" (the prompt and max_tokens together exceed the context length or the whole KV cache), or "n" (more
+    choices than the batch has seats)."""
 
     def __init__(self, message: str, what: str):
         super().__init__(message)
@@ -51,37 +52,57 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(config, self.model_path, self.model_config)
-        self.pool = BlockPool(self.runner.num_blocks)
-        budget = config.max_num_batched_tokens or self.max_model_len
-        if budget < self.max_model_len:
+        self.pool = BlockPool(self.runner.num_blocks, config.enable_prefix_caching)
+        budget = config.max_num_batched_tokens or self._default_token_budget()
+        if budget < self.max_model_len and not config.enable_chunked_prefill:
             raise ValueError(f"max_num_batched_tokens ({budget}) must be at least max_model_len "
-                             f"({self.max_model_len}): a prompt runs in one step")
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, config.block_size), self.pool)
+                             f"({self.max_model_len}) without chunked prefill: a prompt runs in one step")
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, config.block_size,
+                                                   config.enable_chunked_prefill), self.pool)
         self.sampler = Sampler(self.runner.device, config.seed)
-        self.sequences: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # each request's choices, in index order
         self._lock = threading.RLock()
 
+    def _default_token_budget(self) -> int:
+        """Without chunked prefill a whole prompt must fit a step. With it, on the CPU, 512 tokens: a step of the
+        default model then takes about 0.2 s on two cores, the longest a running stream waits for its next token
+        while a prompt comes in, and more tokens per step barely raise prefill throughput there. A GPU computes
+        8192 tokens in about the time it decodes a token, as vLLM's default has it."""
+        if not self.config.enable_chunked_prefill:
+            return self.max_model_len
+        return 512 if self.runner.device.type == "cpu" else 8192
+
     @_one_at_a_time
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request (text or token ids); a ValueError if it can never run."""
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Queue a request (text or token ids); a ValueError if it can never run. It shares cached prompt blocks
+        only with requests of the same `cache_salt`."""
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.sequences:
+        if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, _token_ids(prompt))
         max_tokens = self.check_request(ids, params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device)
-            generator.manual_seed(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens)
         banned = None
         if params.min_tokens:  # built once: a step only indexes the logits with it
             eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
             banned = torch.tensor(sorted(params.stop_token_set.union(eos)), dtype=torch.long, device=self.runner.device)
-        seq = Sequence(request_id, text, ids, params, max_tokens, detok, generator, banned)
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        choices = [Sequence(request_id, text, ids, params, max_tokens,
+                            IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens),
+                            self._generator(params.seed, index), banned, index, cache_salt)
+                   for index in range(params.n)]
+        choices[0].forks = choices[1:]
+        self.requests[request_id] = choices
+        self.scheduler.add(choices[0])
         return request_id
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        """Choice `index`'s own generator when the request has a seed: seeded with seed + index (wrapped into the
+        signed 64-bit range), so that choice 0 draws as a request with n = 1 would."""
+        if seed is None:
+            return None
+        generator = torch.Generator(device=self.runner.device)
+        generator.manual_seed((seed + index + 2**63) % 2**64 - 2**63)
+        return generator
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A prompt's token ids, once `check_prompt_chars` lets it through."""
@@ -120,6 +141,9 @@ class LLMEngine:
         for name, tokens, what in lists:
             if bad := [t for t in tokens if not 0 <= t < vocab]:
                 raise RequestRefused(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", what)
+        if params.n > self.config.max_num_seqs:
+            raise RequestRefused(f"n is {params.n}: more choices than the {self.config.max_num_seqs} sequences a "
+                                 "batch runs at once (max_num_seqs)", "n")
         return params.max_tokens or self._max_tokens_in_context() - len(ids)
 
     def warm_up(self) -> None:
@@ -130,11 +154,11 @@ class LLMEngine:
 
     @_one_at_a_time
     def abort(self, request_id: str) -> None:
-        """Stop a request wherever it is and free everything it holds."""
-        seq = self.sequences.pop(request_id, None)
-        if seq is not None:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+        """Stop a request wherever it is and free everything its choices hold."""
+        for seq in self.requests.pop(request_id, ()):
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -146,20 +170,18 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.execute(batch)
-        tokens = self.sampler(logits, [self._sampling_request(seq) for seq in batch.seqs])
-        outputs = []
-        for seq, count, token in zip(batch.seqs, batch.num_new_tokens, tokens):
-            seq.num_computed_tokens += count
+        due = self.scheduler.advance(batch)  # (row, sequence): who samples; a prompt's choices share its row
+        tokens = self.sampler(logits, [self._sampling_request(row, seq) for row, seq in due])
+        for (_, seq), token in zip(due, tokens):
             self._update(seq, token)
             if seq.finished:
                 self.scheduler.finish(seq)
-                del self.sequences[seq.request_id]
-            outputs.append(self._output(seq))
-        return outputs
+        return [self._output(request_id) for request_id in dict.fromkeys(seq.request_id for _, seq in due)]
 
-    def _sampling_request(self, seq: Sequence) -> SamplingRequest:
+    @staticmethod
+    def _sampling_request(row: int, seq: Sequence) -> SamplingRequest:
         banned = seq.banned_token_ids if seq.num_output_tokens < seq.params.min_tokens else None
-        return SamplingRequest(seq.params, seq.generator, banned)
+        return SamplingRequest(row, seq.params, seq.generator, banned)
 
     def _update(self, seq: Sequence, token: int) -> None:
         """Append the sampled token; a request whose update fails ends with finish_reason "error", alone."""
@@ -189,12 +211,20 @@ class LLMEngine:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         seq.finished_time = time.time()
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(0, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
-                                      seq.finish_reason, seq.stop_reason)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
-                                 seq.finished_time)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.finished, metrics)
+    def _output(self, request_id: str) -> RequestOutput:
+        """Every choice of the request as it stands; a finished request is forgotten."""
+        choices = self.requests[request_id]
+        finished = all(seq.finished for seq in choices)
+        if finished:
+            del self.requests[request_id]
+        completions = [CompletionOutput(seq.index, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
+                                        seq.finish_reason, seq.stop_reason) for seq in choices]
+        first = choices[0]
+        metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time,
+                                 min(seq.first_token_time or float("inf") for seq in choices),
+                                 max(seq.finished_time or 0 for seq in choices) if finished else None)
+        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, completions, finished, metrics,
+                             first.num_cached_tokens)
 
 
 def _token_ids(prompt) -> list[int]:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # the choice: 0 .. n - 1
     text: str  # cumulative: all text so far that is safe to show
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort", "error" (it failed alone) or None while running
@@ -28,6 +28,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
+    outputs: list[CompletionOutput]  # every choice, in index order: finished ones keep their final state
+    finished: bool  # every choice has finished
     metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache

@@ -31,6 +31,7 @@ def is_whole(value) -> bool:
 
 @dataclass
 class SamplingParams:
+    n: int = 1  # choices: sequences that share the prompt's KV blocks, each with its own index (and seed + index)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no limit
@@ -63,6 +64,7 @@ class SamplingParams:
     def _checks(self):
         """(param, ok, message) for each rule, in order; a rule runs only if the ones before it passed."""
         finite = lambda value: isinstance(value, (int, float)) and math.isfinite(value)  # noqa: E731
+        yield "n", is_whole(self.n) and self.n >= 1, f"n must be a whole number >= 1, got {self.n}"
         yield "temperature", finite(self.temperature) and self.temperature >= 0, \
             f"temperature must be a finite number >= 0, got {self.temperature}"
         yield "top_p", finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"

@@ -9,6 +9,7 @@ from engine.params import SamplingParams
 @dataclass
 class SamplingRequest:
     """What the sampler needs to know of one sequence this step."""
+    row: int  # of the step's logits: several choices of one prompt sample from its row
     params: SamplingParams
     generator: torch.Generator | None  # the request's own, when it has a seed
     banned_token_ids: torch.Tensor | None  # EOS and stop tokens while fewer than min_tokens are out
@@ -21,6 +22,9 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[int]:
+        rows = [request.row for request in requests]
+        if rows != list(range(logits.shape[0])):  # a decode step takes its rows as they are: no copy
+            logits = logits[rows]
         for row, request in enumerate(requests):
             if request.banned_token_ids is not None:
                 logits[row, request.banned_token_ids] = float("-inf")

@@ -25,10 +25,15 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None  # set when the request has its own seed
     banned_token_ids: torch.Tensor | None = None  # EOS and stop ids, barred while fewer than min_tokens are out
+    index: int = 0  # which of the request's n choices
+    cache_salt: str | None = None  # prefix-cache blocks are shared only among sequences of the same salt
+    forks: list["Sequence"] = field(default_factory=list)  # the other choices, forked once the prompt is computed
     token_ids: list[int] = field(default_factory=list)  # prompt then output
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids, as far as known
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     arrival_time: float = field(default_factory=time.time)

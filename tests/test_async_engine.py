@@ -16,7 +16,7 @@ class _BreaksOnStep:
     def __init__(self):
         self.pending = False
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, cache_salt=None):
         self.pending = True
         return request_id
 
@@ -46,7 +46,7 @@ def test_in_flight_requests_hear_of_a_dead_loop_and_new_ones_are_refused():
 
 
 class _RefusesEverything(_BreaksOnStep):
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, cache_salt=None):
         raise ValueError("refused")
 
 
@@ -56,7 +56,7 @@ def test_a_request_whose_caller_left_before_it_was_added_is_skipped():
     engine = AsyncLLMEngine(_RefusesEverything())
     added = Future()
     added.cancel()
-    engine._handle(("add", "r1", ([1], SamplingParams(), added)))
+    engine._handle(("add", "r1", ([1], SamplingParams(), None, added)))
     assert engine.alive and added.cancelled()
 
 
@@ -70,7 +70,7 @@ def test_a_request_still_queued_when_the_loop_dies_hears_of_it():
 
         def step(self):
             engine_ready.wait(5)
-            engine._inbox.put(("add", "late", ([1], SamplingParams(), late)))
+            engine._inbox.put(("add", "late", ([1], SamplingParams(), None, late)))
             raise RuntimeError("boom")
     engine = AsyncLLMEngine(_DiesWithAnAddQueued())
     engine_ready.set()

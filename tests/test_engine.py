@@ -54,7 +54,7 @@ def test_abort_frees_blocks_whether_waiting_or_running(small):
     engine.add_request(list(range(200, 220)), params, request_id="second")
     waiting = engine.add_request(list(range(300, 320)), params)  # no room: stays waiting
     engine.step()
-    assert engine.sequences[waiting].status.value == "waiting"
+    assert engine.requests[waiting][0].status.value == "waiting"
     engine.abort(waiting)
     engine.abort(running)
     engine.abort("second")

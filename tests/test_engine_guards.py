@@ -22,7 +22,7 @@ def llm(default_model_path):
 
 def assert_clean(llm) -> None:
     engine = llm.engine
-    assert not engine.has_unfinished_requests() and not engine.sequences
+    assert not engine.has_unfinished_requests() and not engine.requests
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
@@ -57,7 +57,7 @@ def test_a_request_that_fails_mid_step_ends_alone(llm, monkeypatch):
 
     def fail(*_, **__):
         raise RuntimeError("a fault in one request's detokenizer")
-    monkeypatch.setattr(engine.sequences[broken].detokenizer, "add_token", fail)
+    monkeypatch.setattr(engine.requests[broken][0].detokenizer, "add_token", fail)
     finals = {}
     while engine.has_unfinished_requests():
         finals.update((out.request_id, out) for out in engine.step() if out.finished)

@@ -12,8 +12,9 @@ LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 
 def _draw(params: SamplingParams, n=2000, banned=()) -> torch.Tensor:
     sampler = Sampler(torch.device("cpu"), seed=0)
-    logits = LOGITS.repeat(n, 1)
-    return torch.tensor(sampler(logits, [SamplingRequest(params, None, torch.tensor(banned) if banned else None)] * n))
+    # every request draws from the one row, as the choices of one prompt do
+    request = SamplingRequest(0, params, None, torch.tensor(banned) if banned else None)
+    return torch.tensor(sampler(LOGITS[None].clone(), [request] * n))
 
 
 def test_greedy_takes_argmax_and_respects_bans():
@@ -51,10 +52,10 @@ def test_low_temperature_sharpens():
 def test_seeded_requests_are_reproducible_whatever_the_batch():
     """32 seeded requests, each alone and then all in one batch among unseeded ones: the same draws (one draw of
     four tokens alone would match by chance a third of the time)."""
-    seeded = lambda seed: SamplingRequest(SamplingParams(temperature=1.0, seed=seed), _gen(seed), None)  # noqa: E731
-    alone = [Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [seeded(s)])[0] for s in range(32)]
-    other = SamplingRequest(SamplingParams(temperature=1.0), None, None)
-    batch = [r for s in range(32) for r in (other, seeded(s))]
+    seeded = lambda seed, row: SamplingRequest(row, SamplingParams(temperature=1.0, seed=seed), _gen(seed), None)  # noqa: E731
+    alone = [Sampler(torch.device("cpu"), 0)(LOGITS[None].clone(), [seeded(s, 0)])[0] for s in range(32)]
+    other = lambda row: SamplingRequest(row, SamplingParams(temperature=1.0), None, None)  # noqa: E731
+    batch = [r for s in range(32) for r in (other(2 * s), seeded(s, 2 * s + 1))]
     drawn = Sampler(torch.device("cpu"), 1)(LOGITS.repeat(64, 1), batch)
     assert drawn[1::2] == alone and len(set(alone)) > 1
 
