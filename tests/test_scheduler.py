@@ -63,3 +63,27 @@ def test_a_second_free_of_a_block_is_refused():
     with pytest.raises(RuntimeError, match="freed while free"):
         pool.free(blocks)
     assert pool.num_free == 2
+
+
+def test_the_pool_takes_empty_blocks_then_cached_ones_least_recent_first_and_last_blocks_first():
+    pool = BlockPool(6)
+    a, b = pool.allocate(2), pool.allocate(2)
+    for block, block_hash in zip(a + b, [b"a0", b"a1", b"b0", b"b1"]):
+        pool.cache(block, block_hash)
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free == 6 and pool.usage == 0
+    assert set(pool.allocate(2)).isdisjoint(a + b)  # the two blocks that never held anything
+    assert pool.cached_prefix([b"b0", b"b1", b"c"]) == b and pool.num_free == 2  # a hit holds b's blocks again
+    assert pool.allocate(1) == [a[1]] and pool.allocate(1) == [a[0]]  # a's last block goes before its first
+    assert pool.cached_prefix([b"a0"]) == []
+
+
+def test_a_prefix_computed_twice_at_once_is_cached_once():
+    pool = BlockPool(2)
+    first, second = pool.allocate(1), pool.allocate(1)
+    pool.cache(first[0], b"same")
+    pool.cache(second[0], b"same")
+    pool.free(first + second)
+    assert pool.cached_prefix([b"same"]) == first
+    assert pool.allocate(1) == second  # the copy held nothing worth keeping: taken before the cached block
