@@ -2,11 +2,12 @@
 configured; checked first, so that a caller without one learns nothing more), with 503 unless the server is ready
 (loading, draining, engine gone), with 413 when the body is over the limit and with 408 when it takes longer than
 `request_body_timeout` to arrive; counted while in flight so that a drain knows when it is done, and counted by
-status when the answer is an error."""
+status when the answer is an error. It leaves the digest of the request's API key (None without keys) in
+`request.state.api_key_digest`, with which the routes salt the prefix cache per tenant."""
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from server.auth import key_is_valid
+from server.auth import key_digest, matching_key
 from server.errors import ApiError, error_response
 from server.lifecycle import Lifecycle, Phase
 from server.metrics import Metrics
@@ -29,7 +30,7 @@ class Admission:
                 self.metrics.errors.labels(status=str(message["status"])).inc()
             await send(message)
 
-        if self.api_keys and not key_is_valid(dict(scope["headers"]).get(b"authorization", b""), self.api_keys):
+        if not self._authenticate(scope):
             unauthorized = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                     "invalid_api_key")
             return await error_response(unauthorized)(scope, receive, send_counting_errors)
@@ -43,6 +44,16 @@ class Admission:
             raise
         finally:
             self.lifecycle.in_flight -= 1
+
+    def _authenticate(self, scope) -> bool:
+        """Whether the request may pass: no keys are configured, or it names one (whose digest it then carries)."""
+        key = None
+        if self.api_keys:
+            key = matching_key(dict(scope["headers"]).get(b"authorization", b""), self.api_keys)
+            if key is None:
+                return False
+        scope.setdefault("state", {})["api_key_digest"] = None if key is None else key_digest(key)
+        return True
 
     async def _admit(self, scope, receive, send) -> None:
         """The app, once the whole body has arrived; or a refusal."""

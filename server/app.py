@@ -11,7 +11,7 @@ from server.errors import ApiError
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, now
-from server.serving import Exchange, Run, chat_inputs, completion_inputs
+from server.serving import Exchange, Run, cache_salt, chat_inputs, completion_inputs
 
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; can only shorten the server's --request-timeout
 
@@ -75,21 +75,15 @@ def build_app(lifecycle: Lifecycle, metrics: Metrics) -> FastAPI:
         served.check_model(body.model)
         # Off the event loop: rendering and tokenizing a prompt of megabytes would stall every stream and probe.
         prompts, params = await asyncio.to_thread(inputs, served, body)
-        exchange = Exchange(served, chat_style)
-        run = served.start(prompts, params, exchange.id, request_timeout(request, config))
+        exchange = Exchange(served, chat_style, params.n)
+        salt = cache_salt(request.state.api_key_digest, body.cache_salt)
+        run = served.start(prompts, params, exchange.id, request_timeout(request, config), salt)
         request.state.run = run  # its tokens and timings go into the request's log line
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(exchange.stream(run.outputs(), len(prompts), include_usage), run)
-
-        async def collect():
-            finals = [None] * len(prompts)
-            async for item in run.outputs():
-                if item is not None:
-                    finals[item[0]] = item[1]
-            return finals
         try:
-            return exchange.response(await _unless_disconnected(request, collect()))
+            return exchange.response(await _unless_disconnected(request, run.final_outputs()))
         finally:
             run.close()
 

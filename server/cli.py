@@ -44,7 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None, help="a file, or a built-in name (chatml, llama-2-chat, ...)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one engine step may compute (default with chunked prefill: 512 on the CPU, which keeps "
+                        "a step short, and 8192 on a GPU; without it: the model length, a whole prompt in one step)")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute a long prompt over several steps, beside the running streams' tokens")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep full KV blocks and reuse them for prompts that begin alike")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -59,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     defaults = ServerConfig(model_name="")
     p.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
-                   help="prompts waiting to start beyond which new requests get 429")
+                   help="sequences (prompts times n) waiting to start beyond which new requests get 429")
+    p.add_argument("--max-n", type=int, default=defaults.max_n, help="the most choices (n) one request may ask for")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may wait and run before it is aborted (default: no limit)")
     p.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
@@ -90,11 +97,12 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
     keys = tuple(args.api_key) + tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
     server = ServerConfig(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, api_keys=keys,
-        chat_template=args.chat_template, max_queued_requests=args.max_queued_requests,
+        chat_template=args.chat_template, max_queued_requests=args.max_queued_requests, max_n=args.max_n,
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
         sse_ping_interval=args.sse_ping_interval, max_request_body_mib=args.max_request_body_mib,
         request_body_timeout=args.request_body_timeout,

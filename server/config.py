@@ -7,7 +7,8 @@ class ServerConfig:
     model_name: str  # the name clients use
     api_keys: tuple[str, ...] = ()  # none: no authentication
     chat_template: str | None = None  # a file or a built-in name; None: the model's own, else by architecture
-    max_queued_requests: int = 1024  # prompts admitted but not started; beyond it, 429
+    max_queued_requests: int = 1024  # sequences (prompts times n) admitted but not started; beyond it, 429
+    max_n: int = 16  # choices one request may ask for; beyond it, 400
     request_timeout: float | None = None  # seconds a request may wait and run; None: no deadline
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     sse_ping_interval: float = 15.0  # seconds of silence on a stream before a `: ping` comment
@@ -22,6 +23,7 @@ class ServerConfig:
 
     def __post_init__(self):
         checks = [(self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),
+                  (self.max_n >= 1, "max_n must be at least 1"),
                   (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be positive"),
                   (self.drain_timeout >= 0, "drain_timeout must not be negative"),
                   (self.sse_ping_interval > 0, "sse_ping_interval must be positive"),

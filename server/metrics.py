@@ -21,10 +21,14 @@ class _EngineState:
         for name, doc, value in (
                 ("num_requests_running", "Requests in the running batch.", len(self.scheduler.running)),
                 ("num_requests_waiting", "Requests waiting to be scheduled.", len(self.scheduler.waiting)),
-                ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", self.pool.usage)):
+                ("kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1).", self.pool.usage)):
             yield GaugeMetricFamily(f"{PREFIX}:{name}", doc, value=value)
-        yield CounterMetricFamily(f"{PREFIX}:num_preemptions", "Requests preempted (blocks freed, recomputed).",
-                                  value=self.scheduler.num_preemptions)
+        for name, doc, value in (
+                ("num_preemptions", "Requests preempted (blocks freed, recomputed).", self.scheduler.num_preemptions),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                 self.scheduler.prefix_cache_queries),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.scheduler.prefix_cache_hits)):
+            yield CounterMetricFamily(f"{PREFIX}:{name}", doc, value=value)
 
 
 class Metrics:
@@ -33,7 +37,8 @@ class Metrics:
         counter = lambda name, doc, *labels: Counter(f"{PREFIX}:{name}", doc, labels, registry=self.registry)  # noqa: E731
         histogram = lambda name, doc, buckets: Histogram(f"{PREFIX}:{name}", doc, buckets=buckets,  # noqa: E731
                                                          registry=self.registry)
-        self.requests = counter("request_success", "Finished requests by finish reason.", "finished_reason")
+        self.requests = counter("request_success", "Finished sequences (each of a request's n choices) by reason.",
+                                "finished_reason")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.errors = counter("request_errors", "Error responses by HTTP status (in-band stream errors too).", "status")
@@ -50,21 +55,26 @@ class Metrics:
         self.registry.register(_EngineState(engine))
 
     def finished(self, out: RequestOutput) -> None:
-        prompt, generated = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
-        self._count(prompt, generated, out.outputs[0].finish_reason)
-        times = out.metrics
+        """A request whose every choice has finished: its prompt counts once, each choice with its own reason."""
+        prompt = len(out.prompt_token_ids)
+        self.prompt_tokens.inc(prompt)
         self.prompt_length.observe(prompt)
-        self.generation_length.observe(generated)
+        for choice in out.outputs:
+            self._count_choice(len(choice.token_ids), choice.finish_reason)
+            self.generation_length.observe(len(choice.token_ids))
+        times = out.metrics
         self.e2e_latency.observe(times.finished_time - times.arrival_time)
         self.queue_time.observe(times.first_scheduled_time - times.arrival_time)
         self.time_to_first_token.observe(times.first_token_time - times.arrival_time)
 
-    def aborted(self, prompt: int, generated: int) -> None:
-        self._count(prompt, generated, "abort")
-
-    def _count(self, prompt: int, generated: int, reason: str) -> None:
-        self.requests.labels(finished_reason=reason).inc()
+    def aborted(self, prompt: int, generated: list[int]) -> None:
+        """A request ended before it finished; `generated` holds each choice's tokens so far."""
         self.prompt_tokens.inc(prompt)
+        for count in generated:
+            self._count_choice(count, "abort")
+
+    def _count_choice(self, generated: int, reason: str) -> None:
+        self.requests.labels(finished_reason=reason).inc()
         self.generation_tokens.inc(generated)
 
     def render(self) -> bytes:

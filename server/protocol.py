@@ -10,6 +10,7 @@ from engine.params import MAX_STOP_TOKEN_IDS, SamplingParams
 MAX_PROMPTS = 128  # prompts in one completion request
 MAX_STOP = 4  # stop strings in one request, as OpenAI allows
 MAX_MESSAGES = 2048  # messages in one chat request, as OpenAI allows; and parts in one message
+MAX_CACHE_SALT_CHARS = 1024
 
 
 class StrictModel(BaseModel):
@@ -46,7 +47,7 @@ class SamplingFields(StrictModel):
     model: str
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = Field(1, ge=1, le=1, description="only 1 for now")
+    n: int | None = Field(1, ge=1, description="choices per prompt, up to the server's --max-n")
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
@@ -61,6 +62,8 @@ class SamplingFields(StrictModel):
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
+                                   description="requests share cached prompt blocks only with the same salt")
 
     @field_validator("stop")
     @classmethod
@@ -81,7 +84,7 @@ class SamplingFields(StrictModel):
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
+            n=1 if self.n is None else self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
@@ -167,12 +170,6 @@ class TokenizeRequest(StrictModel):
 class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: TokenIds
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 def new_id(prefix: str) -> str:

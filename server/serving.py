@@ -4,7 +4,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -22,7 +22,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, no
 RETRY_AFTER_SECONDS = 1
 # The engine's refusals as OpenAI errors: code, and the field at fault (None: the prompt's own field).
 _REFUSALS = {"prompt": ("invalid_prompt", None), "stop_token_ids": ("invalid_request", "stop_token_ids"),
-             "length": ("context_length_exceeded", None)}
+             "length": ("context_length_exceeded", None), "n": ("invalid_request", "n")}
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Served:
     config: ServerConfig
     chat_template: str | None
     metrics: Metrics
-    queued: int = 0  # prompts admitted whose first output has not come yet
+    queued: int = 0  # sequences (each prompt's n choices) admitted whose prompt's first output has not come yet
     runs: set["Run"] = field(default_factory=set)
 
     @property
@@ -113,17 +113,19 @@ class Served:
         with _refusal_as_400(param):
             self.engine.engine.check_request(ids, params)
 
-    def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
-              timeout: float | None) -> "Run":
-        """Admit a request's prompts to the engine, or refuse them (429) when the queue is full."""
-        limit = self.config.max_queued_requests
-        if len(prompts) > limit:
-            raise ApiError(400, f"{len(prompts)} prompts in one request, more than the server queues at once "
-                                f"({limit})", "too_many_prompts", "prompt")
-        if self.queued + len(prompts) > limit:
-            raise ApiError(429, f"the server is busy: {self.queued} prompts are waiting to start (at most {limit}); "
+    def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str, timeout: float | None,
+              cache_salt: str | None) -> "Run":
+        """Admit a request's sequences (each prompt's n choices) to the engine, or refuse them (429) when the queue
+        is full."""
+        limit, count = self.config.max_queued_requests, len(prompts) * params.n
+        if count > limit:
+            raise ApiError(400, f"{count} sequences in one request ({len(prompts)} prompts, n={params.n}), more than "
+                                f"the server queues at once ({limit})", "too_many_prompts",
+                           "n" if params.n > 1 else "prompt")
+        if self.queued + count > limit:
+            raise ApiError(429, f"the server is busy: {self.queued} sequences are waiting to start (at most {limit}); "
                                 "retry later", "rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        return Run(self, prompts, params, request_id, timeout)
+        return Run(self, prompts, params, request_id, timeout, cache_salt)
 
     def stop_all(self, error: ApiError) -> None:
         """End every request in progress with `error` (the drain timed out)."""
@@ -132,38 +134,40 @@ class Served:
 
 
 class Run:
-    """The engine work of one HTTP request: the outputs of each prompt as they come, tagged with the prompt's
-    index; None as a keep-alive tick after each `sse_ping_interval` of silence; an error past the deadline.
-    `close()` aborts whatever has not finished, whoever calls it and however often."""
+    """The engine work of one HTTP request: the outputs of each prompt (all its n choices) as they come, tagged
+    with the prompt's index; None as a keep-alive tick after each `sse_ping_interval` of silence; an error past
+    the deadline. `close()` aborts whatever has not finished, whoever calls it and however often."""
 
     def __init__(self, served: Served, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 timeout: float | None):
-        self.served, self.prompts, self.timeout = served, prompts, timeout
+                 timeout: float | None, cache_salt: str | None):
+        self.served, self.prompts, self.timeout, self.n = served, prompts, timeout, params.n
         loop = asyncio.get_running_loop()
         self.deadline = None if timeout is None else loop.time() + timeout
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.generated: dict[int, int] = {}  # tokens out so far, for prompts that started and did not finish
+        self.running: dict[int, RequestOutput] = {}  # the latest output of prompts that started and did not finish
         self.waiting = set(range(len(prompts)))  # prompts with no output yet
         self.last_output = [0.0] * len(prompts)
-        # For the request's log line (server/middleware.py): when the first token came, and each prompt's tokens out.
+        # For the request's log line (server/middleware.py): when the first token came, and each prompt's tokens out
+        # (all its choices together).
         self.first_output_at: float | None = None
         self.output_tokens = [0] * len(prompts)
         self.closed = False
         self.failed = False  # an error came in (a refused prompt, the drain, a dead engine): no aborts to count
-        self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}"))
+        self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}", cache_salt))
                       for i, ids in enumerate(prompts)]
-        served.queued += len(prompts)
+        served.queued += len(prompts) * self.n
         served.runs.add(self)
 
-    async def _pump(self, index: int, ids: list[int], params: SamplingParams, request_id: str) -> None:
+    async def _pump(self, index: int, ids: list[int], params: SamplingParams, request_id: str,
+                    cache_salt: str | None) -> None:
         try:
-            async for out in self.served.engine.generate(ids, params, request_id):
+            async for out in self.served.engine.generate(ids, params, request_id, cache_salt):
                 self.queue.put_nowait((index, out))
         except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
             self.queue.put_nowait((index, exc))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput] | None]:
-        while (self.waiting or self.generated) and not self.closed:
+        while (self.waiting or self.running) and not self.closed:
             try:
                 index, item = await asyncio.wait_for(self.queue.get(), self._quiet_time())
             except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
@@ -180,6 +184,14 @@ class Run:
             self._observe(index, item)
             yield index, item
 
+    async def final_outputs(self) -> list[RequestOutput]:
+        """Each prompt's last output (a non-streaming answer), once every prompt has finished."""
+        finals = [None] * len(self.prompts)
+        async for item in self.outputs():
+            if item is not None:
+                finals[item[0]] = item[1]
+        return finals
+
     def _quiet_time(self) -> float:
         quiet = self.served.config.sse_ping_interval
         if self.deadline is not None:
@@ -190,15 +202,17 @@ class Run:
         metrics, now = self.served.metrics, time.monotonic()
         if index in self.waiting:
             self.waiting.discard(index)
-            self.served.queued -= 1
+            self.served.queued -= self.n  # the prompt has started, and with it its choices
             self.first_output_at = self.first_output_at or now
         else:
             metrics.inter_token_latency.observe(now - self.last_output[index])
         self.last_output[index] = now
-        self.generated[index] = self.output_tokens[index] = len(out.outputs[0].token_ids)
+        self.output_tokens[index] = sum(len(c.token_ids) for c in out.outputs)
         if out.finished:
-            del self.generated[index]
+            self.running.pop(index, None)
             metrics.finished(out)
+        else:
+            self.running[index] = out
 
     def close(self) -> None:
         if self.closed:
@@ -206,13 +220,13 @@ class Run:
         self.closed = True
         self.queue.put_nowait((None, None))
         self.served.runs.discard(self)
-        self.served.queued -= len(self.waiting)
+        self.served.queued -= len(self.waiting) * self.n
         for task in self.tasks:
             task.cancel()  # which aborts the request in the engine
         for index in () if self.failed else self.waiting:
-            self.served.metrics.aborted(len(self.prompts[index]), 0)
-        for index, count in self.generated.items():
-            self.served.metrics.aborted(len(self.prompts[index]), count)
+            self.served.metrics.aborted(len(self.prompts[index]), [0] * self.n)
+        for index, out in self.running.items():
+            self.served.metrics.aborted(len(self.prompts[index]), [len(c.token_ids) for c in out.outputs])
 
 
 @contextlib.contextmanager
@@ -236,29 +250,43 @@ def _as_api_error(exc: Exception) -> Exception:
     return exc
 
 
+def cache_salt(api_key_digest: str | None, salt: str | None) -> str | None:
+    """What the engine separates cached prompt blocks by: the request's `cache_salt`, and with API keys the key's
+    digest as well, so that one tenant can never probe another's prompts through time to first token. As JSON,
+    no pair of key and salt can spell another pair's."""
+    return salt if api_key_digest is None else json.dumps([api_key_digest, salt])
+
+
 def usage(outputs: list[RequestOutput]) -> dict:
+    """Each prompt's tokens once (the choices share it), the tokens of every choice, and the prompt tokens whose
+    KV blocks came from the prefix cache."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
 class Exchange:
-    """One request's shapes: the full response and its stream chunks (completions or chat)."""
+    """One request's shapes: the full response and its stream chunks (completions or chat). A prompt's choice i
+    is numbered prompt index * n + i, as OpenAI and vLLM number the choices of several prompts."""
 
-    def __init__(self, served: Served, chat_style: bool):
-        self.served, self.chat = served, chat_style
+    def __init__(self, served: Served, chat_style: bool, n: int = 1):
+        self.served, self.chat, self.n = served, chat_style, n
         self.id = new_id("chatcmpl" if chat_style else "cmpl")
         self.created = now()
+
+    def _index(self, prompt_index: int, choice: CompletionOutput) -> int:
+        return prompt_index * self.n + choice.index
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.served.model_name}
 
     def response(self, outputs: list[RequestOutput]) -> dict:
         choices = []
-        for index, out in enumerate(outputs):
-            c = out.outputs[0]
-            body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
-            choices.append({"index": index, **body, "logprobs": None, **_reasons(c)})
+        for prompt_index, out in enumerate(outputs):
+            for c in out.outputs:
+                body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                choices.append({"index": self._index(prompt_index, c), **body, "logprobs": None, **_reasons(c)})
         return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(outputs)}
 
@@ -282,27 +310,24 @@ class Exchange:
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput] | None], count: int,
                      include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: deltas of text that is safe to show, a finish_reason per choice, usage, [DONE]; a
-        `: ping` comment whenever the engine was silent for a while (queued, or a long prefill)."""
-        sent, finals = [""] * count, [None] * count
+        """SSE events: deltas of text that is safe to show, the choices of `count` prompts interleaved, a
+        finish_reason per choice, usage, [DONE]; a `: ping` comment whenever the engine was silent for a while
+        (queued, or a long prefill)."""
+        sent, ended, finals = [""] * (count * self.n), set(), [None] * count
         chunk = functools.partial(self.chunk, include_usage=include_usage)
         try:
             if self.chat:
-                for index in range(count):
+                for index in range(count * self.n):
                     yield chunk(index, None, role=True)
             async for item in outputs:
                 if item is None:
                     yield ": ping\n\n"
                     continue
-                index, out = item
-                c = out.outputs[0]
-                delta = c.text[len(sent[index]):]
-                sent[index] = c.text
-                if delta:
-                    yield chunk(index, delta)
+                prompt_index, out = item
+                for event in self._choice_chunks(prompt_index, out, sent, ended, chunk):
+                    yield event
                 if out.finished:
-                    finals[index] = out
-                    yield chunk(index, None, c)
+                    finals[prompt_index] = out
             if include_usage:
                 yield self.usage_chunk(finals)
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
@@ -310,6 +335,22 @@ class Exchange:
             self.served.metrics.errors.labels(status=str(error.status)).inc()
             yield sse(envelope(error.status, error.message, error.code, error.param))
         yield "data: [DONE]\n\n"
+
+    def _choice_chunks(self, prompt_index: int, out: RequestOutput, sent: list[str], ended: set[int],
+                       chunk: Callable[..., str]) -> Iterator[str]:
+        """What one output of a prompt adds to the stream: each choice's new text, and its finish once (the engine
+        keeps sending a finished choice's final state while its siblings run). `sent` and `ended` record it."""
+        for c in out.outputs:
+            index = self._index(prompt_index, c)
+            if index in ended:
+                continue
+            delta = c.text[len(sent[index]):]
+            sent[index] = c.text
+            if delta:
+                yield chunk(index, delta)
+            if c.finish_reason is not None:
+                ended.add(index)
+                yield chunk(index, None, c)
 
 
 def _reasons(output: CompletionOutput) -> dict:
@@ -323,7 +364,7 @@ def sse(payload: dict) -> str:
 
 
 def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-    prompts, params = [served.encode(p) for p in req.prompts()], _params(req, req.max_tokens)
+    prompts, params = [served.encode(p) for p in req.prompts()], _params(served, req, req.max_tokens)
     for ids in prompts:
         served.check_fits(ids, params, "prompt")
     return prompts, params
@@ -331,16 +372,20 @@ def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list
 
 def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
     ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
-    params = _params(req, req.token_limit())
+    params = _params(served, req, req.token_limit())
     served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages")
     return [ids], params
 
 
-def _params(req, max_tokens: int | None) -> SamplingParams:
+def _params(served: Served, req, max_tokens: int | None) -> SamplingParams:
     try:
-        return req.sampling_params(max_tokens)
+        params = req.sampling_params(max_tokens)
     except ParamError as exc:
         param = exc.param
         if param == "max_tokens" and getattr(req, "max_completion_tokens", None):
             param = "max_completion_tokens"  # the chat field the limit came from
         raise ApiError(400, str(exc), "invalid_request", param) from exc
+    if params.n > served.config.max_n:
+        raise ApiError(400, f"n is {params.n}, more than this server allows ({served.config.max_n})",
+                       "invalid_request", "n")
+    return params

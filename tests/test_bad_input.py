@@ -97,7 +97,7 @@ def completion(**fields) -> dict:
     (json.dumps(completion(stop_token_ids=[1.0])).encode(), "stop_token_ids.0", None),
     (json.dumps(completion(stream="yes")).encode(), "stream", None),
     (json.dumps(completion(top_p=0)).encode(), "top_p", None),
-    (json.dumps(completion(n=3)).encode(), "n", "1"),
+    (json.dumps(completion(n=17)).encode(), "n", "16"),
     (json.dumps(completion(stop=["a", "b", "c", "d", "e"])).encode(), "stop", "at most 4"),
     (json.dumps(completion(prompt=["hi"] * 129)).encode(), "prompt", "at most 128"),
     (json.dumps(completion(prompt=[])).encode(), "prompt", "empty"),

@@ -151,7 +151,7 @@ def test_auth(base_url):
     ({"model": MODEL, "prompt": "hi", "foo": 1}, 400, None, "foo", "unknown field 'foo'"),
     ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, None, None, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, None, None, "presence_penalty"),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, None, "n", None),
+    ({"model": MODEL, "prompt": "hi", "n": 17}, 400, None, "n", "more than this server allows (16)"),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, None, "temperature", None),
     ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400, None, "max_tokens", None),
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, None, None, "stream_options"),
