@@ -94,14 +94,21 @@ def test_a_fully_cached_prompt_computes_its_last_block_again(make_llm):
 
 
 def test_eviction_under_pressure_keeps_outputs_and_frees_every_block(make_llm):
-    """Twelve prompts of 100 tokens through a cache of 640 tokens: preemption and eviction, and the same tokens
-    as each prompt alone. Afterwards nothing is held; the last prompt's blocks are still cached, the first's not."""
+    """Twelve prompts of 100 tokens through a cache of 640 tokens, in chunks of 64: preemption (mid-prefill too)
+    and eviction, and the same tokens as each prompt alone. Afterwards nothing is held; the last prompt's blocks are still cached, the first's not."""
     prompts = _prompts(12, 20, 80)
     roomy = make_llm(enable_prefix_caching=False)
     alone = [_tokens(roomy.generate(p, GREEDY))[0] for p in prompts]
-    llm = make_llm(num_kv_blocks=40)
+    llm = make_llm(num_kv_blocks=40, max_num_batched_tokens=64)
+    scheduler, preempted_in_prefill = llm.engine.scheduler, []
+    preempt = scheduler._preempt
+
+    def recording_preempt(seq):
+        preempted_in_prefill.append(0 < seq.num_computed_tokens < len(seq.prompt_token_ids))
+        preempt(seq)
+    scheduler._preempt = recording_preempt
     assert _tokens(llm.generate(prompts, GREEDY)) == alone
-    assert llm.engine.scheduler.num_preemptions > 0 and _held_nowhere(llm)
+    assert any(preempted_in_prefill) and _held_nowhere(llm)
     assert llm.generate(prompts[-1], GREEDY)[0].num_cached_tokens == 96
     assert llm.generate(_prompts(1, 0, 100)[0], GREEDY)[0].num_cached_tokens == 0
 
