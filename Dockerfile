@@ -49,9 +49,11 @@ RUN pip install --no-cache-dir . \
 VOLUME /models
 USER 1000
 EXPOSE 8000
-# /health is liveness: 200 while the model loads and while the engine runs. Readiness is /ready.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# /health is 200 once the model is loaded and while the engine runs; 503 while it loads (the start period allows
+# 15 minutes, as the Kubernetes startup probe does) and once the engine died or hung (the process then exits).
+# server.healthcheck finds the port (and host) in the server's own flags, which follow the image name.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=900s --retries=3 \
+    CMD ["python", "-m", "server.healthcheck"]
 # SIGTERM drains (see --drain-timeout); give `docker stop` as long: docker stop -t 60.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "server"]

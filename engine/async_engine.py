@@ -8,6 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -35,12 +36,18 @@ class AsyncLLMEngine:
         self.error: BaseException | None = None
         self.died: Future = Future()  # resolved with the error once the loop has stopped
         self._running = True
+        self._step_started: float | None = None  # monotonic time the step in progress began; None between steps
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    def step_running_for(self) -> float:
+        """Seconds the step in progress has run (0 between steps): what tells a hung engine from a busy one."""
+        started = self._step_started  # read once: the loop thread clears it when the step ends
+        return 0.0 if started is None else time.monotonic() - started
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop between two steps (requests still running are dropped) and wait for it: a thread
@@ -55,7 +62,10 @@ class AsyncLLMEngine:
                 self._handle(self._inbox.get(block=block) if block else None)
                 while not self._inbox.empty():
                     self._handle(self._inbox.get_nowait())
-                for output in self.engine.step():
+                self._step_started = time.monotonic()
+                outputs = self.engine.step()
+                self._step_started = None
+                for output in outputs:
                     self._deliver(output.request_id, output)
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             log.exception("engine loop died")

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from server.auth import key_digest, matching_key
 from server.errors import ApiError, error_response
-from server.lifecycle import Lifecycle, Phase
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # always answered, without a key: probes and scrapes
@@ -35,7 +35,7 @@ class Admission:
                                     "invalid_api_key")
             return await error_response(unauthorized)(scope, receive, send_counting_errors)
         if not self.lifecycle.accepting:
-            return await error_response(self._unready())(scope, receive, send_counting_errors)
+            return await error_response(self.lifecycle.refusal())(scope, receive, send_counting_errors)
         self.lifecycle.in_flight += 1  # from here on, a drain waits for this request
         try:
             await self._admit(scope, receive, send_counting_errors)
@@ -63,10 +63,6 @@ class Admission:
             return await error_response(refusal)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
-    def _unready(self, headers: dict[str, str] | None = None) -> ApiError:
-        code = "server_shutdown" if self.lifecycle.phase is Phase.DRAINING else "service_unavailable"
-        return ApiError(503, self.lifecycle.phase.value, code, headers=headers)
-
     async def _receive_body(self, scope, receive) -> bytes:
         """The whole body, raced against the body timeout and the drain. A request whose body is still arriving has
         started no work, so either ends it at once: a slow client holds neither a connection nor the drain for long."""
@@ -80,12 +76,12 @@ class Admission:
             draining.cancel()
         if reading not in done:
             if draining in done:
-                raise self._unready(CLOSE)
+                raise self.lifecycle.refusal(CLOSE)
             raise ApiError(408, f"the request body did not arrive in full within {timeout:g} s", "request_timeout",
                            headers=CLOSE)
         body = reading.result()
         if not self.lifecycle.accepting:  # the server began draining (or failed) as the last bytes arrived
-            raise self._unready()
+            raise self.lifecycle.refusal()
         return body
 
     async def _read_body(self, scope, receive) -> bytes:

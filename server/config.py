@@ -1,6 +1,14 @@
 """Server configuration: one frozen dataclass whose fields the server's flags map to one to one."""
 from dataclasses import dataclass
 
+# Seconds one engine step may run before the engine counts as hung. Chunked prefill bounds a step by the token budget
+# (512 tokens on the CPU), and the longest such step with the defaults is a 512-token chunk at the end of the default
+# model's 8,192-token context: measured at 8.8 s on the 2-core CI VM with another benchmark taking a core and a half
+# (steps of 3.5 to 8.6 s over the whole prompt in a second run; about 1 s at 2,048 tokens on an idle machine). 60 s
+# (vLLM's engine iteration timeout too) leaves a factor of about 7 for slower or busier CPUs; a larger budget, or no
+# chunked prefill (a whole prompt in one step), needs a larger timeout.
+ENGINE_STALL_TIMEOUT = 60.0
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -14,6 +22,7 @@ class ServerConfig:
     sse_ping_interval: float = 15.0  # seconds of silence on a stream before a `: ping` comment
     max_request_body_mib: float = 8.0  # larger bodies get 413
     request_body_timeout: float = 30.0  # seconds a request body may take to arrive; then 408
+    engine_stall_timeout: float = ENGINE_STALL_TIMEOUT  # seconds one engine step may run; past it, the engine is hung
     special_tokens_in_messages: bool = False  # True: special tokens written in message text are parsed as such
     # CORS, as vLLM's flags: which browser pages (origins) may call the API, with which methods and headers.
     allowed_origins: tuple[str, ...] = ("*",)
@@ -28,7 +37,8 @@ class ServerConfig:
                   (self.drain_timeout >= 0, "drain_timeout must not be negative"),
                   (self.sse_ping_interval > 0, "sse_ping_interval must be positive"),
                   (self.max_request_body_mib > 0, "max_request_body_mib must be positive"),
-                  (self.request_body_timeout > 0, "request_body_timeout must be positive")]
+                  (self.request_body_timeout > 0, "request_body_timeout must be positive"),
+                  (self.engine_stall_timeout > 0, "engine_stall_timeout must be positive")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

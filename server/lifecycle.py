@@ -1,8 +1,9 @@
-"""The process's life. The model loads in a background thread while /health answers and /ready says 503;
-then the server is ready. The first SIGTERM (or SIGINT) drains: /ready and new requests get 503 at once, as do
-requests whose bodies are still arriving, requests in flight get `drain_timeout` seconds to finish (then they
-end with an error), and the process exits 0. A second signal exits at once. If loading fails or the engine
-loop dies, the process exits 1 so that the orchestrator restarts it."""
+"""The process's life. The model loads in a background thread while /health and /ready say 503; then the server
+is ready. The first SIGTERM (or SIGINT) drains: /ready and new requests get 503 at once, as do requests whose bodies
+are still arriving, requests in flight get `drain_timeout` seconds to finish (then they end with an error), and the
+process exits 0; while the model still loads, it exits 0 at once. A second signal exits at once. If loading fails,
+the engine loop dies, or one engine step runs longer than `engine_stall_timeout` (a hung device or kernel), the
+process exits 1 so that the orchestrator restarts it."""
 import asyncio
 import logging
 import os
@@ -39,15 +40,23 @@ class Lifecycle:
         self.stop: Callable[[], None] = lambda: None  # tells the HTTP server to shut down
         self._tasks: set[asyncio.Task] = set()
         self.drain_started = asyncio.Event()  # wakes the requests whose bodies are still arriving, to refuse them
+        self._loader: threading.Thread | None = None
 
     @property
     def accepting(self) -> bool:
         return self.phase is Phase.READY
 
     @property
-    def alive(self) -> bool:
-        """Liveness: loading, or the engine loop is running."""
-        return self.served.engine.alive if self.served else self.phase is not Phase.FAILED
+    def healthy(self) -> bool:
+        """Liveness, as vLLM, TGI and llama.cpp answer /health: the model is loaded and the engine loop runs, draining
+        included (a hung engine turns the phase FAILED)."""
+        return self.phase in (Phase.READY, Phase.DRAINING) and self.served is not None and self.served.engine.alive
+
+    def refusal(self, headers: dict[str, str] | None = None) -> ApiError:
+        """The 503 for a request or probe the server cannot answer now, saying why."""
+        phase = Phase.FAILED if self.phase is Phase.READY else self.phase  # ready, yet refused: the engine just died
+        code = "server_shutdown" if phase is Phase.DRAINING else "service_unavailable"
+        return ApiError(503, phase.value, code, headers=headers)
 
     def start(self) -> None:
         """Begin loading (called once the event loop runs); the server answers meanwhile."""
@@ -65,8 +74,15 @@ class Lifecycle:
                 loaded.set_exception(error)
             else:
                 loaded.set_result(served)
-        threading.Thread(target=load, name="model-loader", daemon=True).start()
+        self._loader = threading.Thread(target=load, name="model-loader", daemon=True)
+        self._loader.start()
         self._spawn(self._boot(loaded))
+
+    @property
+    def loading(self) -> bool:
+        """Whether the model is still loading: its thread may be inside torch's C++ code, which aborts the process
+        (SIGABRT) when the interpreter exits around it."""
+        return self._loader is not None and self._loader.is_alive()
 
     def shutdown(self) -> None:
         """Last, once the HTTP server has stopped: stop the engine thread cleanly."""
@@ -82,14 +98,32 @@ class Lifecycle:
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
             log.info("ready to serve %s", self.config.model_name)
-        error = await asyncio.wrap_future(self.served.engine.died)
-        log.error("the engine loop died (%r); exiting so that the process is restarted", error)
-        self.phase, self.exit_code = Phase.FAILED, 1
+        stalled = await self._engine_stalled()
+        self.phase, self.exit_code = Phase.FAILED, 1  # /health and new requests get 503
+        if stalled:  # nothing else will answer the requests in flight
+            self.served.stop_all(ApiError(500, "the engine hung; the server is restarting", "engine_dead"))
         # A moment for the requests in flight to write their errors and for health checks to see 503 (not a
         # refused connection), then exit.
         await asyncio.sleep(1.0)
         await self._settled(5.0)
+        if stalled:
+            # The engine thread is stuck inside a step: it cannot be joined, and an interpreter that exits around it
+            # can hang or abort. Nothing is left to flush: the log's handlers flush each record.
+            os._exit(1)
         self._exit(1, Phase.FAILED)
+
+    async def _engine_stalled(self) -> bool:
+        """Watch the engine until its loop dies (False) or one step runs longer than the stall timeout (True)."""
+        engine, timeout = self.served.engine, self.config.engine_stall_timeout
+        died = asyncio.wrap_future(engine.died)
+        while not died.done():
+            await asyncio.wait({died}, timeout=min(1.0, timeout / 4))
+            if not died.done() and (running := engine.step_running_for()) > timeout:
+                log.error("an engine step has run for %.1f s, longer than the engine stall timeout (%g s): the engine "
+                          "is hung; exiting so that the process is restarted", running, timeout)
+                return True
+        log.error("the engine loop died (%r); exiting so that the process is restarted", died.result())
+        return False
 
     def on_signal(self, sig: int) -> None:
         """First signal: drain. Second: exit now. Runs in the main thread, as signal handlers do."""

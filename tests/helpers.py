@@ -20,6 +20,7 @@ from models.attention import AttentionMetadata
 from models.tokenizer import load_tokenizer
 
 VOCAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocab"
+FAULTS = Path(__file__).parent / "faults"  # the fault-injection hooks: see faults/sitecustomize.py
 
 
 class SingleSequence:
@@ -115,6 +116,12 @@ def running_server(*args: str, env: dict | None = None):
         stop_server(proc)
 
 
+def faults(**variables: float | int) -> dict[str, str]:
+    """The environment of a server with the fault-injection hooks on, e.g. `faults(NANOSERVE_STEP_DELAY=0.01)`."""
+    return {"PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
+            **{name: str(value) for name, value in variables.items()}}
+
+
 def status(url: str) -> int | None:
     """The status code of GET `url`, or None when nothing answers."""
     try:
@@ -136,7 +143,7 @@ def assert_idle(url: str) -> None:
         time.sleep(0.1)
     m = metrics(url)
     assert (m["nanoserve:num_requests_running"], m["nanoserve:num_requests_waiting"],
-            m["nanoserve:kv_cache_usage_perc"]) == (0, 0, 0)
+            m["nanoserve:num_requests_queued"], m["nanoserve:kv_cache_usage_perc"]) == (0, 0, 0, 0)
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None,

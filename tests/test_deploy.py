@@ -14,7 +14,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import validate
 
-from server.cli import configs, parse_args
+from server.cli import configs
+from server.flags import parse_args
+from server.healthcheck import health_url
 from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +103,32 @@ def test_the_autoscaler_metric_is_one_the_server_exports(built):
     series = rule["seriesQuery"].split("{")[0]
     assert re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series) == metric
     metrics = Metrics()
-    metrics.watch(SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[1, 2], num_preemptions=0),
-                                  pool=SimpleNamespace(usage=0.0)))
+    scheduler = SimpleNamespace(running=[], waiting=[1, 2], num_preemptions=0, prefix_cache_queries=0,
+                                prefix_cache_hits=0)
+    metrics.watch(SimpleNamespace(scheduler=scheduler, pool=SimpleNamespace(usage=0.0)), queued=lambda: 0)
     assert f"{series} 2.0" in metrics.render().decode()
+
+
+@pytest.mark.parametrize("command_line, url", [
+    (["python", "-m", "server"], "http://127.0.0.1:8000/health"),
+    (["python", "-m", "server", "--max-model-len", "4096", "--port", "9000"], "http://127.0.0.1:9000/health"),
+    (["/sbin/docker-init", "--", "python", "-m", "server", "--port=9001"], "http://127.0.0.1:9001/health"),  # --init
+    (["python", "-m", "server", "--host", "::", "--port", "7"], "http://[::1]:7/health"),
+    (["python", "-m", "server", "--host", "10.1.2.3"], "http://10.1.2.3:8000/health")])
+def test_the_docker_health_check_asks_where_the_server_listens(command_line, url):
+    assert health_url(command_line) == url
+
+
+def test_the_docker_health_check_loads_no_engine():
+    """It runs every 30 s beside the engine: importing torch would cost seconds of the server's cores each time."""
+    code = "import sys, server.healthcheck; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_dockerfile_lints_clean_and_matches_the_server():
     subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], check=True)
     text = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {parse_args([]).port}" in text
-    assert re.search(r"HEALTHCHECK .*\n.*/health", text) and 'ENTRYPOINT ["python", "-m", "server"]' in text
+    assert re.search(r'HEALTHCHECK .*\n.*CMD \["python", "-m", "server.healthcheck"\]', text)
+    assert 'ENTRYPOINT ["python", "-m", "server"]' in text
     assert re.search(r"^USER (?!root|0\b)", text, re.M) and "VOLUME /models" in text

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.cli import parse_args
+from server.flags import parse_args
 from tests.helpers import assert_error, running_server, server_log, tiny_llama
 
 KEY = "edge-key"

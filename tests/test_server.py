@@ -8,17 +8,20 @@ import pytest
 
 from engine import SamplingParams
 from server.chat import render
-from tests.helpers import assert_error, assert_idle, metrics, running_server
+from tests.helpers import assert_error, assert_idle, faults, metrics, running_server
 
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+STEP_DELAY = 0.005  # seconds added to each step: 400 tokens take 2 s at least, however fast the machine decodes
+
+
 @pytest.fixture(scope="module")
 def base_url(default_model_path):
     with running_server("--model", str(default_model_path), "--served-model-name", MODEL, "--max-model-len", "512",
-                        env={"NANOSERVE_API_KEY": KEY}) as url:
+                        env={"NANOSERVE_API_KEY": KEY, **faults(NANOSERVE_STEP_DELAY=STEP_DELAY)}) as url:
         yield url
 
 
@@ -84,8 +87,8 @@ def test_streamed_text_never_shows_a_stop_string(base_url, client):
 
 def test_non_streaming_disconnect_aborts(base_url):
     body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 450, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        _post(base_url, "/v1/completions", body, timeout=2)
+    with pytest.raises(httpx.ReadTimeout):  # 450 steps take over 2 s (STEP_DELAY): the client leaves first
+        _post(base_url, "/v1/completions", body, timeout=1)
     assert_idle(base_url)
     assert metrics(base_url)['nanoserve:request_success_total{finished_reason="abort"}'] >= 1
 
