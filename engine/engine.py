@@ -221,9 +221,8 @@ class LLMEngine:
         completions = [CompletionOutput(seq.index, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
                                         seq.finish_reason, seq.stop_reason) for seq in choices]
         first = choices[0]
-        metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time,
-                                 min(seq.first_token_time or float("inf") for seq in choices),
-                                 max(seq.finished_time or 0 for seq in choices) if finished else None)
+        metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,  # it forks
+                                 max(seq.finished_time for seq in choices) if finished else None)
         return RequestOutput(request_id, first.prompt, first.prompt_token_ids, completions, finished, metrics,
                              first.num_cached_tokens)
 

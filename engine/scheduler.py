@@ -68,6 +68,7 @@ class Scheduler:
                 running.append(seq)  # with no budget left it holds its blocks and waits for the next step
                 if new_tokens:
                     scheduled.append((seq, new_tokens))
+                    self._budget -= new_tokens
         seats = self.config.max_num_seqs - sum(1 + len(s.forks) for s in running)  # choices yet to fork included
         while self.waiting and not preempted and self._budget and 1 + len(self.waiting[0].forks) <= seats:
             seq = self.waiting[0]
@@ -77,27 +78,26 @@ class Scheduler:
             self.waiting.popleft()
             running.append(seq)
             scheduled.append((seq, new_tokens))
+            self._budget -= new_tokens
             seats -= 1 + len(seq.forks)
         self.running = running
         scheduled.sort(key=lambda item: item[1] == 1)  # prefills first, as attention expects
         return ScheduledBatch([s for s, _ in scheduled], [n for _, n in scheduled])
 
     def _chunk(self, seq: Sequence) -> int:
-        """The tokens `seq` computes this step, taken from the budget: all it lacks, or as many as the budget
-        has left; without chunked prefill, none unless all fit."""
+        """The tokens `seq` would compute this step: all it lacks, or as many as the budget has left; without
+        chunked prefill, none unless all fit."""
         lacking = seq.num_tokens - seq.num_computed_tokens
-        count = min(lacking, self._budget) if self.config.enable_chunked_prefill else lacking * (lacking <= self._budget)
-        self._budget -= count
-        return count
+        if self.config.enable_chunked_prefill:
+            return min(lacking, self._budget)
+        return lacking if lacking <= self._budget else 0
 
     def _admit(self, seq: Sequence) -> int:
         """Take the first waiting request's cached prefix and blocks for what it computes this step: the number
         of tokens it computes, or 0 (holding nothing) when it does not fit."""
         hits = self._reuse_cached_prefix(seq)
-        budget = self._budget
         new_tokens = self._chunk(seq)
         if not new_tokens or not self._reserve(seq, new_tokens):
-            self._budget = budget
             self._release(seq)
             seq.num_computed_tokens = 0
             return 0
