@@ -7,7 +7,7 @@ their ratio, for a batch of requests and for a single request: the median of `--
 and theirs alternating so that a busy machine slows both alike. The last column is a ceiling: the
 tokens per second that the run's matrix products alone allow on this machine, computed as the engine
 computes them (every float32 engine pays for them), so that the ratio can be read against the best one
-possible.
+possible. Prefix caching has a benchmark of its own: `python -m engine.bench_prefix`.
 """
 import argparse
 import statistics
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine import LLM, SamplingParams
-from engine.runner import CPU_TOKENS_PER_FORWARD
+from engine.outputs import RequestOutput
 from models.default_model import resolve_model
 
 _TEXT = ("The history of computing is a story of people who wanted to think faster than their tools "
@@ -27,18 +27,26 @@ _TEXT = ("The history of computing is a story of people who wanted to think fast
          "previous generation's hardest problems routine. ")
 
 
-def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """`count` distinct prompts of exactly `length` tokens."""
-    ids = tokenizer.encode(_TEXT * (1 + 2 * length // len(_TEXT.split())), add_special_tokens=False)
-    return [ids[i:i + length] for i in range(count)]
+def make_prompts(tokenizer, count: int, length: int, tag: str = "prompt") -> list[list[int]]:
+    """`count` prompts of exactly `length` tokens, each begun by `tag` and its number ("prompt 7: The history of
+    ..."). No two begin alike, in one call or across calls with different tags, so they share no KV block: the
+    prefix cache serves none of them from another."""
+    text = _TEXT * (1 + 2 * length // len(_TEXT.split()))
+    return [tokenizer.encode(f"{tag} {i}: {text}", add_special_tokens=False)[:length] for i in range(count)]
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+def generate(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[list[RequestOutput], float]:
+    """Exactly `new_tokens` greedy tokens for each prompt, in one batch: the outputs and the seconds it took."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
+    return outputs, elapsed
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    _, elapsed = generate(llm, prompts, new_tokens)
     return len(prompts) * new_tokens / elapsed
 
 
@@ -57,9 +65,9 @@ def run_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: i
 
 
 @torch.inference_mode()
-def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens: int) -> float:
+def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens: int, step_tokens: int) -> float:
     """Tokens/s if the run were its matrix products alone: the layers' projections timed on one prefill
-    forward pass and one decode step, the output head on one step's rows, scaled to the whole run."""
+    step (of `step_tokens` rows at most) and one decode step, the output head on one step's rows, scaled to the whole run."""
     linears = [m for m in model.model.modules() if isinstance(m, nn.Linear)]  # the decoder's, not the head
     hidden = model.config.hidden_size
 
@@ -77,7 +85,7 @@ def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens:
         return seconds(lambda: [m(inputs[m.in_features]) for m in linears])
 
     prompt_tokens = requests * prompt_len
-    chunk = min(prompt_tokens, CPU_TOKENS_PER_FORWARD)
+    chunk = min(prompt_tokens, step_tokens)
     head = seconds(lambda: model.compute_logits(torch.randn(requests, hidden)))
     total = (prompt_tokens / chunk * layers(chunk) + (new_tokens - 1) * layers(requests) + new_tokens * head)
     return requests * new_tokens / total
@@ -99,17 +107,23 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(path.parent if hf_args else path, dtype=torch.float32, **hf_args).eval()
     tokenizer = llm.get_tokenizer()
     pad_id = tokenizer.eos_token_ids[0]
-    prompts = make_prompts(tokenizer, args.requests, args.prompt_len)
-    run_ours(llm, prompts[:2], 4)  # warm-up
-    run_transformers(hf, prompts[:2], 4, pad_id)
+    warm_up = make_prompts(tokenizer, 2, args.prompt_len, tag="warm-up")
+    run_ours(llm, warm_up, 4)
+    run_transformers(hf, warm_up, 4, pad_id)
     print(f"model {Path(path).name}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
     print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}"
           f"{'matmul ceiling':>16}{'its ratio':>10}")
     model = llm.engine.runner.model
-    for name, batch in ((f"{args.requests} requests", prompts), ("1 request", prompts[:1])):
-        runs = [(run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id),
-                 matmul_ceiling(model, len(batch), args.prompt_len, args.new_tokens)) for _ in range(args.repeats)]
+    step_tokens = llm.engine.scheduler.config.max_num_batched_tokens  # prompts are computed in steps of this many
+    for name, count in ((f"{args.requests} requests", args.requests), ("1 request", 1)):
+        runs = []
+        for repeat in range(args.repeats):
+            # New prompts each run: the prefix cache (on by default) would serve a repeat from the run before, and
+            # transformers has no cache to do the same.
+            batch = make_prompts(tokenizer, count, args.prompt_len, tag=f"{name}, run {repeat}, prompt")
+            runs.append((run_ours(llm, batch, args.new_tokens), run_transformers(hf, batch, args.new_tokens, pad_id),
+                         matmul_ceiling(model, count, args.prompt_len, args.new_tokens, step_tokens)))
         ours, theirs, ceiling = (statistics.median(r[i] for r in runs) for i in (0, 1, 2))
         print(f"{name:<12}{ours:>12.1f}{theirs:>20.1f}{ours / theirs:>7.2f}x{ceiling:>16.1f}{ceiling / theirs:>9.2f}x",
               flush=True)
