@@ -59,6 +59,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of the last new token of each scheduled sequence, in batch order: [seqs, vocab]."""
+        if batch.block_copies:  # choices forked from a prompt take a copy of its partial last block
+            sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*batch.block_copies))
+            for cache in self.kv_caches:
+                cache[:, destinations] = cache[:, sources]
         counts = batch.num_new_tokens
         logits = [self._forward(batch.seqs[a:b], counts[a:b]) for a, b in self._split(counts)]
         return logits[0] if len(logits) == 1 else torch.cat(logits)  # a decode step: no copy of [seqs, vocab]

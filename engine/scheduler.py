@@ -9,7 +9,7 @@ cached, and it is recomputed later, from whatever of it is still cached.
 """
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.kv_cache import BlockPool, block_hashes
 from engine.sequence import Sequence, Status
@@ -25,9 +25,11 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledBatch:
-    """Sequences to run this step, those with several new tokens first, and how many tokens each."""
+    """Sequences to run this step, those with several new tokens first, and how many tokens each; and the KV blocks
+    to copy (source, destination) before the step writes any."""
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -41,6 +43,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache, as vLLM counts them
         self.prefix_cache_hits = 0  # and those found
+        self._block_copies: list[tuple[int, int]] = []  # for the next step to make, before it writes
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -82,7 +85,8 @@ class Scheduler:
             seats -= 1 + len(seq.forks)
         self.running = running
         scheduled.sort(key=lambda item: item[1] == 1)  # prefills first, as attention expects
-        return ScheduledBatch([s for s, _ in scheduled], [n for _, n in scheduled])
+        copies, self._block_copies = self._block_copies, []
+        return ScheduledBatch([s for s, _ in scheduled], [n for _, n in scheduled], copies)
 
     def _chunk(self, seq: Sequence) -> int:
         """The tokens `seq` would compute this step: all it lacks, or as many as the budget has left; without
@@ -147,16 +151,20 @@ class Scheduler:
                 self.pool.cache(seq.block_table[i], seq.block_hashes[i])
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
-        """Start the other choices of `seq`'s prompt, which was just computed. They share its full blocks; each
-        computes the prompt's last, partial block again itself (fewer than block_size tokens), as writing its own
-        tokens into a shared block would overwrite its siblings'."""
+        """Start the other choices of `seq`'s prompt, which was just computed. They share its full blocks. Each gets
+        a copy of the prompt's last, partial block, as its own tokens written into a shared one would overwrite its
+        siblings'; with no block free for the copy, it computes that block's tokens again instead."""
         choices, seq.forks = seq.forks, []
-        full = seq.num_tokens // self.config.block_size
+        full, partial = divmod(seq.num_tokens, self.config.block_size)
         for choice in choices:
             choice.block_table, choice.block_hashes = seq.block_table[:full], seq.block_hashes[:full]
-            choice.num_computed_tokens = full * self.config.block_size
-            choice.status, choice.first_scheduled_time = Status.RUNNING, seq.first_scheduled_time
             self.pool.share(choice.block_table)
+            choice.num_computed_tokens = full * self.config.block_size
+            if partial and self.pool.num_free:
+                choice.block_table += self.pool.allocate(1)
+                self._block_copies.append((seq.block_table[full], choice.block_table[-1]))
+                choice.num_computed_tokens = seq.num_tokens
+            choice.status, choice.first_scheduled_time = Status.RUNNING, seq.first_scheduled_time
             self.running.append(choice)
         return choices
 

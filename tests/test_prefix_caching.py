@@ -153,14 +153,14 @@ def test_a_prompt_longer_than_the_budget_is_refused_without_chunked_prefill(make
 
 def test_n_choices_share_their_prompt_and_are_each_reproducible(make_llm):
     """Three seeded choices: each reproducible, different from the others, choice 0 as a request of n = 1
-    with the same seed. The prompt's full blocks are computed once; each further choice computes its last,
-    partial block (8 of 40 tokens) again, and every choice its own 11 decode tokens."""
+    with the same seed. The prompt is computed once (the further choices copy its partial last block), and every
+    choice computes its own 11 decode tokens."""
     llm = make_llm()
     prompt, params = _prompts(1, 0, 40)[0], SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12,
                                                             ignore_eos=True)
     first = llm.generate(prompt, params)[0]
     assert [c.index for c in first.outputs] == [0, 1, 2] and first.finished
-    assert _computed(llm) == 40 + 2 * 8 + 3 * 11
+    assert _computed(llm) == 40 + 3 * 11
     again = _tokens(llm.generate(prompt, params))
     assert again == _tokens([first]) and len({tuple(t) for t in again}) == 3
     single = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
@@ -169,11 +169,15 @@ def test_n_choices_share_their_prompt_and_are_each_reproducible(make_llm):
     assert all(t == greedy[0] for t in greedy)
 
 
-def test_n_choices_under_preemption_draw_as_with_room(make_llm):
-    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)
-    prompt = _prompts(1, 0, 45)[0]
+# Four choices of 69 tokens in 8 blocks: copies of the prompt's partial block, then preemption. Two choices of 48
+# tokens in 3 blocks: no block is free for the copy when the prompt is done, so the second choice computes the
+# partial block's tokens again, once it has room.
+@pytest.mark.parametrize("n,prompt_len,max_tokens,num_blocks", [(4, 45, 24, 8), (2, 40, 8, 3)])
+def test_n_choices_under_preemption_draw_as_with_room(make_llm, n, prompt_len, max_tokens, num_blocks):
+    params = SamplingParams(n=n, temperature=1.0, seed=3, max_tokens=max_tokens, ignore_eos=True)
+    prompt = _prompts(1, 0, prompt_len)[0]
     roomy = _tokens(make_llm().generate(prompt, params))
-    tight = make_llm(num_kv_blocks=8)  # four choices of 69 tokens need 2 shared blocks and 3 each
+    tight = make_llm(num_kv_blocks=num_blocks)
     assert _tokens(tight.generate(prompt, params)) == roomy
     assert tight.engine.scheduler.num_preemptions > 0 and _held_nowhere(tight)
 
