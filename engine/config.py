@@ -15,7 +15,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
     # Tokens one step may compute. Default: 512 on the CPU, 8192 on a GPU with chunked prefill (see
-    # `default_token_budget`); max_model_len without it, so that a whole prompt runs in one step.
+    # `LLMEngine._default_token_budget`); max_model_len without it, so that a whole prompt runs in one step.
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True  # a long prompt is computed over several steps, beside running decodes
     enable_prefix_caching: bool = True  # full KV blocks are kept and reused by prompts that begin alike
