@@ -52,13 +52,14 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(config, self.model_path, self.model_config)
-        self.pool = BlockPool(self.runner.num_blocks, config.enable_prefix_caching)
+        self.pool = BlockPool(self.runner.num_blocks)
         budget = config.max_num_batched_tokens or self._default_token_budget()
         if budget < self.max_model_len and not config.enable_chunked_prefill:
             raise ValueError(f"max_num_batched_tokens ({budget}) must be at least max_model_len "
                              f"({self.max_model_len}) without chunked prefill: a prompt runs in one step")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget, config.block_size,
-                                                   config.enable_chunked_prefill), self.pool)
+                                                   config.enable_chunked_prefill, config.enable_prefix_caching),
+                                   self.pool)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, list[Sequence]] = {}  # each request's choices, in index order
         self._lock = threading.RLock()

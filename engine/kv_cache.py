@@ -23,8 +23,8 @@ def block_hashes(tokens: Sequence[int], block_size: int, salt: str | None, known
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
-        self.num_blocks, self.enable_caching = num_blocks, enable_caching
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
         self._empty = deque(range(num_blocks))  # held by nobody, holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # held by nobody, cached: least recent first
         self._ref_counts = [0] * num_blocks
@@ -59,7 +59,7 @@ class BlockPool:
     def cached_prefix(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes`, now held by the caller (each one more reference)."""
         blocks = []
-        for block_hash in hashes if self.enable_caching else ():
+        for block_hash in hashes:
             block = self._block_of.get(block_hash)
             if block is None:
                 break
@@ -77,7 +77,7 @@ class BlockPool:
     def cache(self, block: int, block_hash: bytes) -> None:
         """Record that a held block is full and holds the prefix `block_hash` names. When another block holds that
         prefix already (two equal prompts computed at once), this one stays unnamed and is freed as empty."""
-        if self.enable_caching and block_hash not in self._block_of and block not in self._hash_of:
+        if block_hash not in self._block_of and block not in self._hash_of:
             self._block_of[block_hash], self._hash_of[block] = block, block_hash
 
     def free(self, blocks: list[int]) -> None:

@@ -21,6 +21,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     block_size: int
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Scheduler:
             self._release(seq)
             seq.num_computed_tokens = 0
             return 0
-        self.prefix_cache_queries += seq.num_tokens if self.pool.enable_caching else 0
+        self.prefix_cache_queries += seq.num_tokens if self.config.enable_prefix_caching else 0
         self.prefix_cache_hits += hits
         seq.status = Status.RUNNING
         if seq.first_scheduled_time is None:
@@ -115,7 +116,7 @@ class Scheduler:
     def _reuse_cached_prefix(self, seq: Sequence) -> int:
         """Start `seq` from the cached blocks of its leading full blocks; its last token is always computed (its
         logits are needed), so a fully cached prompt computes its last block again. Returns the tokens reused."""
-        if not self.pool.enable_caching:
+        if not self.config.enable_prefix_caching:
             return 0
         size = self.config.block_size
         seq.block_hashes = block_hashes(seq.token_ids, size, seq.cache_salt, seq.block_hashes)
@@ -145,7 +146,7 @@ class Scheduler:
     def _cache_full_blocks(self, seq: Sequence, count: int) -> None:
         size = self.config.block_size
         first, full = (seq.num_computed_tokens - count) // size, seq.num_computed_tokens // size
-        if self.pool.enable_caching and full > first:
+        if self.config.enable_prefix_caching and full > first:
             seq.block_hashes = block_hashes(seq.token_ids, size, seq.cache_salt, seq.block_hashes)
             for i in range(first, full):
                 self.pool.cache(seq.block_table[i], seq.block_hashes[i])
