@@ -20,11 +20,14 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # a long prompt is computed over several steps, beside running decodes
     enable_prefix_caching: bool = True  # full KV blocks are kept and reused by prompts that begin alike
     seed: int = 0  # for requests without a seed of their own
+    max_logprobs: int = 20  # the most logprobs or prompt_logprobs a request may ask for (OpenAI's top_logprobs bound)
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be at least 0, got {self.max_logprobs}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")

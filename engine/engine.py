@@ -10,10 +10,11 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockPool
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.controls import TokenControls
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from engine.params import SamplingParams, is_whole
-from engine.runner import ModelRunner
-from engine.sampler import Sampler, SamplingRequest
+from engine.runner import ModelRunner, ScoredPrompt
+from engine.sampler import Sampler, SamplingRequest, prompt_logprobs
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
 from models.default_model import resolve_model
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class RequestRefused(ValueError):
-    """A request that can never run. `what`: "prompt" (empty, or ids outside the vocabulary), "stop_token_ids",
-    "length" (the prompt and max_tokens together exceed the context length or the whole KV cache), or "n" (more
-    choices than the batch has seats)."""
+    """A request that can never run. `what`: "prompt" (empty, or ids outside the vocabulary), "length" (the prompt
+    and max_tokens together exceed the context length or the whole KV cache), "n" or "best_of" (more sequences than
+    the batch has seats), or the parameter at fault: "stop_token_ids", "logit_bias" or "allowed_token_ids" (ids
+    outside the vocabulary), "logprobs" or "prompt_logprobs" (over max_logprobs)."""
 
     def __init__(self, message: str, what: str):
         super().__init__(message)
@@ -84,14 +86,16 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, _token_ids(prompt))
         max_tokens = self.check_request(ids, params)
-        banned = None
-        if params.min_tokens:  # built once: a step only indexes the logits with it
-            eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
-            banned = torch.tensor(sorted(params.stop_token_set.union(eos)), dtype=torch.long, device=self.runner.device)
+        controls = TokenControls.build(params, ids, self.tokenizer.eos_token_ids,
+                                       functools.partial(self.tokenizer.encode, add_special_tokens=False),
+                                       self.runner.device)
         choices = [Sequence(request_id, text, ids, params, max_tokens,
                             IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens),
-                            self._generator(params.seed, index), banned, index, cache_salt)
-                   for index in range(params.n)]
+                            self._generator(params.seed, index), controls, index, cache_salt,
+                            logprobs=None if params.logprobs is None else [])
+                   for index in range(params.num_candidates)]
+        if params.prompt_logprobs is not None:  # the prompt is the request's: its first choice scores it
+            choices[0].prompt_logprobs = [None] * len(ids)
         choices[0].forks = choices[1:]
         self.requests[request_id] = choices
         self.scheduler.add(choices[0])
@@ -139,14 +143,20 @@ class LLMEngine:
                 raise RequestRefused(f"the prompt has {len(ids)} tokens{asked}: over {what} of {limit} tokens",
                                      "length")
         vocab = self.model_config.vocab_size
-        lists = (("the prompt", ids, "prompt"), ("stop_token_ids", params.stop_token_ids, "stop_token_ids"))
-        for name, tokens, what in lists:
+        for name, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
             if bad := [t for t in tokens if not 0 <= t < vocab]:
-                raise RequestRefused(f"{name} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", what)
-        if params.n > self.config.max_num_seqs:
-            raise RequestRefused(f"n is {params.n}: more choices than the {self.config.max_num_seqs} sequences a "
-                                 "batch runs at once (max_num_seqs)", "n")
-        return params.max_tokens or self._max_tokens_in_context() - len(ids)
+                held = "the prompt" if name == "prompt" else name
+                raise RequestRefused(f"{held} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", name)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.config.max_logprobs:
+                raise RequestRefused(f"{name} is {getattr(params, name)}: more than this server returns "
+                                     f"({self.config.max_logprobs}, max_logprobs)", name)
+        if params.num_candidates > self.config.max_num_seqs:
+            name = "n" if params.best_of is None else "best_of"
+            raise RequestRefused(f"{name} is {params.num_candidates}: more sequences than the "
+                                 f"{self.config.max_num_seqs} a batch runs at once (max_num_seqs)", name)
+        return self._max_tokens_in_context() - len(ids) if params.max_tokens is None else params.max_tokens
 
     def warm_up(self) -> None:
         """One real forward pass (and sampling), so that the first request does not pay for lazy set-up."""
@@ -167,27 +177,34 @@ class LLMEngine:
 
     @_one_at_a_time
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, update the sequences, free the finished, emit outputs."""
+        """Schedule, run the model, score prompts, sample, update the sequences, free the finished, emit outputs."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.execute(batch)
+        for scored in logits.prompts:
+            _score_prompt(scored)
         due = self.scheduler.advance(batch)  # (row, sequence): who samples; a prompt's choices share its row
-        tokens = self.sampler(logits, [self._sampling_request(row, seq) for row, seq in due])
-        for (_, seq), token in zip(due, tokens):
-            self._update(seq, token)
+        sampled = self.sampler(logits.last, [self._sampling_request(row, seq) for row, seq in due])
+        for (_, seq), token, logprobs in zip(due, sampled.token_ids, sampled.logprobs):
+            self._update(seq, token, logprobs)
             if seq.finished:
                 self.scheduler.finish(seq)
         return [self._output(request_id) for request_id in dict.fromkeys(seq.request_id for _, seq in due)]
 
     @staticmethod
     def _sampling_request(row: int, seq: Sequence) -> SamplingRequest:
-        banned = seq.banned_token_ids if seq.num_output_tokens < seq.params.min_tokens else None
-        return SamplingRequest(row, seq.params, seq.generator, banned)
+        return SamplingRequest(seq.params, seq.controls, seq.token_ids, len(seq.prompt_token_ids), row, seq.generator)
 
-    def _update(self, seq: Sequence, token: int) -> None:
+    def _update(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append the sampled token; a request whose update fails ends with finish_reason "error", alone."""
         try:
+            if seq.max_tokens == 0:  # the prompt is scored, nothing is generated
+                return self._finish(seq, "length")
+            if logprobs is not None:
+                seq.cumulative_logprob += logprobs.logprob
+                if seq.logprobs is not None:
+                    seq.logprobs.append(logprobs)
             self._append_token(seq, token)
         except Exception:  # noqa: BLE001 - one request's fault must not end the step for the others
             log.exception("request %s failed; ending it", seq.request_id)
@@ -214,18 +231,37 @@ class LLMEngine:
         seq.finished_time = time.time()
 
     def _output(self, request_id: str) -> RequestOutput:
-        """Every choice of the request as it stands; a finished request is forgotten."""
+        """Every choice of the request as it stands (once finished, the n best of best_of candidates); a finished
+        request is forgotten."""
         choices = self.requests[request_id]
         finished = all(seq.finished for seq in choices)
         if finished:
             del self.requests[request_id]
-        completions = [CompletionOutput(seq.index, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
-                                        seq.finish_reason, seq.stop_reason) for seq in choices]
-        first = choices[0]
+        first, returned = choices[0], choices
+        if finished and len(choices) > first.params.n:  # best_of: the highest cumulative logprobs, best first
+            returned = sorted(choices, key=lambda seq: -seq.cumulative_logprob)[:first.params.n]
+        completions = [self._completion(index if returned is not choices else seq.index, seq)
+                       for index, seq in enumerate(returned)]
         metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,  # it forks
                                  max(seq.finished_time for seq in choices) if finished else None)
         return RequestOutput(request_id, first.prompt, first.prompt_token_ids, completions, finished, metrics,
-                             first.num_cached_tokens)
+                             first.num_cached_tokens, first.prompt_logprobs)
+
+    @staticmethod
+    def _completion(index: int, seq: Sequence) -> CompletionOutput:
+        scored = seq.params.logprobs is not None or seq.params.num_candidates > seq.params.n
+        return CompletionOutput(index, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
+                                seq.finish_reason, seq.stop_reason, None if seq.logprobs is None else list(seq.logprobs),
+                                seq.cumulative_logprob if scored else None)
+
+
+def _score_prompt(scored: ScoredPrompt) -> None:
+    """Fill in the logprobs of the prompt tokens that this chunk's logits score."""
+    seq, start = scored.seq, scored.start
+    end = min(start + len(scored.logits), len(seq.prompt_token_ids) - 1)  # the last position scores the output
+    targets = seq.prompt_token_ids[start + 1:end + 1]
+    seq.prompt_logprobs[start + 1:end + 1] = prompt_logprobs(scored.logits[:len(targets)], targets,
+                                                             seq.params.prompt_logprobs)
 
 
 def _token_ids(prompt) -> list[int]:

@@ -10,6 +10,11 @@ GREEDY_BELOW = 1e-5
 MAX_STOP_CHARS = 4096  # characters in one stop string
 MAX_STOP_TOKEN_IDS = 1024  # ids in stop_token_ids
 SEED_RANGE = (-2**63, 2**63)  # OpenAI's: a signed 64-bit integer (torch wraps larger ones onto negative ones)
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, as OpenAI bounds them
+BIAS_RANGE = (-100.0, 100.0)  # a logit_bias value, as OpenAI bounds it
+MAX_BIASED_TOKENS = 1024  # entries in logit_bias
+MAX_ALLOWED_TOKEN_IDS = 1 << 20  # ids in allowed_token_ids (a vocabulary's worth at most)
+MAX_BAD_WORDS = 1024  # strings in bad_words
 
 
 class ParamError(ValueError):
@@ -37,12 +42,21 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: no limit
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int | None = 16  # None: up to the model's context length
+    max_tokens: int | None = 16  # None: up to the model's context length; 0: only the prompt is computed
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    best_of: int | None = None  # candidates generated, of which the n with the highest cumulative logprob return
+    logprobs: int | None = None  # per generated token: its log-probability and this many of the most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    presence_penalty: float = 0.0  # subtracted from the logit of each token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and output tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never generated (their last token is barred after the rest of them)
     # Built once here, not on the engine thread: the stop strings' match tables and the stop ids as a set.
     stop_patterns: tuple[StopPattern, ...] = field(init=False, repr=False, compare=False)
     stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
@@ -58,6 +72,9 @@ class SamplingParams:
             if not ok:
                 raise ParamError(param, message)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
+        self.allowed_token_ids = None if self.allowed_token_ids is None else [int(t) for t in self.allowed_token_ids]
+        self.bad_words = list(self.bad_words) if self.bad_words else None
         self.stop_token_set = frozenset(self.stop_token_ids)
         self.stop_patterns = tuple(StopPattern(s) for s in self.stop)
 
@@ -71,8 +88,9 @@ class SamplingParams:
         yield "top_k", is_whole(self.top_k) and self.top_k >= 0, \
             f"top_k must be a whole number >= 1, or 0 or -1 for no limit, got {self.top_k}"
         yield "min_p", finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"
-        yield "max_tokens", self.max_tokens is None or (is_whole(self.max_tokens) and self.max_tokens >= 1), \
-            f"max_tokens must be a whole number >= 1, got {self.max_tokens}"
+        # 0 computes the prompt and generates nothing: it scores a text (with prompt_logprobs).
+        yield "max_tokens", self.max_tokens is None or (is_whole(self.max_tokens) and self.max_tokens >= 0), \
+            f"max_tokens must be a whole number >= 0, got {self.max_tokens}"
         yield "min_tokens", is_whole(self.min_tokens) and self.min_tokens >= 0, \
             f"min_tokens must be a whole number >= 0, got {self.min_tokens}"
         yield "min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, \
@@ -86,6 +104,46 @@ class SamplingParams:
             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}"
         yield "stop_token_ids", all(is_whole(t) and t >= 0 for t in self.stop_token_ids), \
             "stop_token_ids must be token ids (whole numbers >= 0)"
+        yield from self._sampling_control_checks(finite)
+
+    def _sampling_control_checks(self, finite):
+        """The rules of best_of, logprobs, penalties, biases and token restrictions (token ids are checked against the
+        vocabulary by the engine)."""
+        yield "best_of", self.best_of is None or (is_whole(self.best_of) and self.best_of >= self.n), \
+            f"best_of must be a whole number >= n ({self.n}), got {self.best_of}"
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            yield name, value is None or (is_whole(value) and value >= 0), \
+                f"{name} must be a whole number >= 0, got {value}"
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            yield name, finite(value) and PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1], \
+                f"{name} must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}], got {value}"
+        yield "repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0, \
+            f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+        bias = self.logit_bias or {}
+        yield "logit_bias", len(bias) <= MAX_BIASED_TOKENS, f"at most {MAX_BIASED_TOKENS} logit_bias entries"
+        yield "logit_bias", all(is_whole(t) and t >= 0 for t in bias), "logit_bias keys must be token ids"
+        yield "logit_bias", all(finite(b) and BIAS_RANGE[0] <= b <= BIAS_RANGE[1] for b in bias.values()), \
+            f"logit_bias values must be in [{BIAS_RANGE[0]:g}, {BIAS_RANGE[1]:g}]"
+        allowed = self.allowed_token_ids
+        yield "allowed_token_ids", allowed is None or 0 < len(allowed) <= MAX_ALLOWED_TOKEN_IDS, \
+            f"allowed_token_ids must hold 1 to {MAX_ALLOWED_TOKEN_IDS} ids"
+        yield "allowed_token_ids", allowed is None or all(is_whole(t) and t >= 0 for t in allowed), \
+            "allowed_token_ids must be token ids (whole numbers >= 0)"
+        words = self.bad_words or []
+        yield "bad_words", len(words) <= MAX_BAD_WORDS, f"at most {MAX_BAD_WORDS} bad_words"
+        yield "bad_words", all(isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_CHARS for w in words), \
+            f"bad_words must be non-blank strings of at most {MAX_STOP_CHARS} characters"
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences generated: best_of when it is set, else n."""
+        return self.best_of or self.n
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:

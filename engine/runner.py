@@ -1,5 +1,7 @@
 """Runs the model on a scheduled batch: owns the device, the weights and the KV-cache tensors."""
+import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +16,21 @@ log = logging.getLogger(__name__)
 # On the CPU, activations of more tokens than this overflow the caches and each large temporary is a
 # fresh mmap (page faults on every touch), so a big prefill step runs as several forward passes.
 CPU_TOKENS_PER_FORWARD = 2048
+
+
+@dataclass
+class ScoredPrompt:
+    """Logits of a chunk of a prompt that scores its tokens: row i, of position `start` + i, scores the token
+    after it."""
+    seq: object  # the Sequence
+    start: int
+    logits: torch.Tensor
+
+
+@dataclass
+class StepLogits:
+    last: torch.Tensor  # [seqs, vocab]: each scheduled sequence's last new position, in batch order
+    prompts: list[ScoredPrompt]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,15 +74,17 @@ class ModelRunner:
         return int(budget // bytes_per_block)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits of the last new token of each scheduled sequence, in batch order: [seqs, vocab]."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        """Logits of the last new token of each scheduled sequence, in batch order, and of every new prompt
+        position of the sequences that score their prompt."""
         if batch.block_copies:  # choices forked from a prompt take a copy of its partial last block
             sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*batch.block_copies))
             for cache in self.kv_caches:
                 cache[:, destinations] = cache[:, sources]
         counts = batch.num_new_tokens
-        logits = [self._forward(batch.seqs[a:b], counts[a:b]) for a, b in self._split(counts)]
-        return logits[0] if len(logits) == 1 else torch.cat(logits)  # a decode step: no copy of [seqs, vocab]
+        parts = [self._forward(batch.seqs[a:b], counts[a:b]) for a, b in self._split(counts)]
+        last = parts[0].last if len(parts) == 1 else torch.cat([p.last for p in parts])  # decode: no copy
+        return StepLogits(last, [scored for p in parts for scored in p.prompts])
 
     def _split(self, counts: list[int]) -> list[tuple[int, int]]:
         """Consecutive groups of whole sequences with at most `tokens_per_forward` tokens (or one sequence)."""
@@ -77,15 +96,16 @@ class ModelRunner:
             tokens += count
         return groups + [(start, len(counts))]
 
-    def _forward(self, seqs: list, counts: list[int]) -> torch.Tensor:
-        input_ids, positions, slots, last_indices = [], [], [], []
-        for seq, count in zip(seqs, counts):
+    def _forward(self, seqs: list, counts: list[int]) -> StepLogits:
+        input_ids, positions, slots, wanted = [], [], [], []
+        scoring = [_scores_prompt(seq) for seq in seqs]
+        for seq, count, scores in zip(seqs, counts, scoring):
             start = seq.num_computed_tokens
             span = range(start, start + count)
+            wanted.append(range(len(input_ids) + (0 if scores else count - 1), len(input_ids) + count))
             input_ids += seq.token_ids[start:start + count]
             positions += span
             slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
-            last_indices.append(len(input_ids) - 1)
         context_lens = [seq.num_computed_tokens + n for seq, n in zip(seqs, counts)]
         num_prefills = sum(n > 1 for n in counts)
         width = max(len(seq.block_table) for seq in seqs)
@@ -96,4 +116,16 @@ class ModelRunner:
             block_tables=tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]),
             decode_context_lens=tensor(context_lens[num_prefills:]))
         hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta)
-        return self.model.compute_logits(hidden[tensor(last_indices)])
+        logits = self.model.compute_logits(hidden[tensor([i for rows in wanted for i in rows])])
+        if not any(scoring):
+            return StepLogits(logits, [])
+        ends = list(itertools.accumulate(len(rows) for rows in wanted))
+        prompts = [ScoredPrompt(seq, seq.num_computed_tokens, logits[end - len(rows):end])
+                   for seq, rows, end, scores in zip(seqs, wanted, ends, scoring) if scores]
+        last = logits if len(logits) == len(seqs) else logits[[end - 1 for end in ends]]
+        return StepLogits(last, prompts)
+
+
+def _scores_prompt(seq) -> bool:
+    """Whether the sequence's next chunk holds prompt positions whose logits score a prompt token."""
+    return seq.prompt_logprobs is not None and seq.num_computed_tokens < len(seq.prompt_token_ids) - 1

@@ -1,18 +1,29 @@
-"""Logits of the last position of each sequence to the next token of each."""
+"""Logits of the last position of each sequence to the next token of each, and its log-probabilities."""
 from dataclasses import dataclass
 
 import torch
 
+from engine.controls import ControlledRow, apply_controls
+from engine.outputs import TokenLogprobs
 from engine.params import SamplingParams
 
 
 @dataclass
-class SamplingRequest:
+class SamplingRequest(ControlledRow):
     """What the sampler needs to know of one sequence this step."""
-    row: int  # of the step's logits: several choices of one prompt sample from its row
-    params: SamplingParams
-    generator: torch.Generator | None  # the request's own, when it has a seed
-    banned_token_ids: torch.Tensor | None  # EOS and stop tokens while fewer than min_tokens are out
+    row: int = 0  # of the step's logits: several choices of one prompt sample from its row
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Its logprobs are returned, or summed to rank best_of candidates."""
+        return self.params.logprobs is not None or self.params.num_candidates > self.params.n
+
+
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # for the requests that want them
 
 
 class Sampler:
@@ -21,20 +32,26 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> Sampled:
         rows = [request.row for request in requests]
         if rows != list(range(logits.shape[0])):  # a decode step takes its rows as they are: no copy
             logits = logits[rows]
-        for row, request in enumerate(requests):
-            if request.banned_token_ids is not None:
-                logits[row, request.banned_token_ids] = float("-inf")
+        scored = [i for i, r in enumerate(requests) if r.wants_logprobs]
+        raw_logprobs = logits[scored].log_softmax(dim=-1) if scored else None  # before the controls change logits
+        if any(not r.controls.empty or r.params.penalized for r in requests):
+            logits = apply_controls(logits, requests)
         tokens = logits.max(dim=-1).indices  # argmax, the first of ties alike; max's CPU kernel is faster
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            probs = self._probabilities(logits[rows], [requests[i].params for i in random_rows])
-            tokens[rows] = self._draw(probs, [requests[i].generator for i in random_rows])
-        return tokens.tolist()
+            index = torch.tensor(random_rows, device=logits.device)
+            probs = self._probabilities(logits[index], [requests[i].params for i in random_rows])
+            tokens[index] = self._draw(probs, [requests[i].generator for i in random_rows])
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if scored:
+            top = [requests[i].params.logprobs or 0 for i in scored]
+            for i, entry in zip(scored, token_logprobs(raw_logprobs, tokens[scored], top)):
+                logprobs[i] = entry
+        return Sampled(tokens.tolist(), logprobs)
 
     @staticmethod
     def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -62,3 +79,19 @@ class Sampler:
         for row, generator in enumerate(generators):
             noise[row].exponential_(generator=generator or self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
+    """Each row's entry for its token, with its `top[i]` most likely tokens; logprobs: [rows, vocab]."""
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    values, ids = ([], []) if not max(top, default=0) else \
+        (t.tolist() for t in logprobs.topk(max(top), dim=-1))
+    return [TokenLogprobs(token, logprob, list(zip(ids[i][:k], values[i][:k])) if k else [])
+            for i, (token, logprob, k) in enumerate(zip(tokens.tolist(), chosen, top))]
+
+
+@torch.inference_mode()
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprobs]:
+    """The entries of prompt tokens `targets`, each scored by the logits of the position before it."""
+    tokens = torch.tensor(targets, device=logits.device)
+    return token_logprobs(logits.log_softmax(dim=-1), tokens, [top] * len(targets))

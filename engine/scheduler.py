@@ -115,8 +115,9 @@ class Scheduler:
 
     def _reuse_cached_prefix(self, seq: Sequence) -> int:
         """Start `seq` from the cached blocks of its leading full blocks; its last token is always computed (its
-        logits are needed), so a fully cached prompt computes its last block again. Returns the tokens reused."""
-        if not self.config.enable_prefix_caching:
+        logits are needed), so a fully cached prompt computes its last block again. A prompt that scores its tokens
+        (prompt logprobs) needs the logits of every position: it reuses nothing. Returns the tokens reused."""
+        if not self.config.enable_prefix_caching or seq.prompt_logprobs is not None:
             return 0
         size = self.config.block_size
         seq.block_hashes = block_hashes(seq.token_ids, size, seq.cache_salt, seq.block_hashes)

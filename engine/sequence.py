@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.controls import TokenControls
 from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import TokenLogprobs
 from engine.params import SamplingParams
 
 
@@ -24,7 +26,7 @@ class Sequence:
     max_tokens: int  # params.max_tokens, or what the context length leaves when it is None
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None  # set when the request has its own seed
-    banned_token_ids: torch.Tensor | None = None  # EOS and stop ids, barred while fewer than min_tokens are out
+    controls: TokenControls | None = None  # allowed tokens, bad words, biases, min_tokens' bans; shared by choices
     index: int = 0  # which of the request's n choices
     cache_salt: str | None = None  # prefix-cache blocks are shared only among sequences of the same salt
     forks: list["Sequence"] = field(default_factory=list)  # the other choices, forked once the prompt is computed
@@ -34,6 +36,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids, as far as known
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
+    logprobs: list[TokenLogprobs] | None = None  # of each output token, when the request asks for them
+    cumulative_logprob: float = 0.0  # of the output tokens, when logprobs are computed
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # of each prompt token, when asked (by choice 0)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     arrival_time: float = field(default_factory=time.time)

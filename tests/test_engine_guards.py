@@ -147,15 +147,14 @@ def test_the_stop_ids_barred_by_min_tokens_are_built_once_not_each_step(llm, mon
     sampler = engine.sampler
 
     def recording_sampler(logits, requests):
-        seen.extend(request.banned_token_ids for request in requests)
+        seen.extend(request.controls.min_tokens_banned for request in requests)
         return sampler(logits, requests)
     monkeypatch.setattr(engine, "sampler", recording_sampler)
     stop_ids = list(range(1000, 1000 + MAX_STOP_TOKEN_IDS))
     out = llm.generate([504, 3458], SamplingParams(temperature=0, min_tokens=6, max_tokens=8, stop_token_ids=stop_ids))
     assert len(out[0].outputs[0].token_ids) >= 6
-    barred = [tensor for tensor in seen if tensor is not None]
-    assert len(barred) == 6 and all(tensor is barred[0] for tensor in barred)
-    assert set(barred[0].tolist()) == set(stop_ids) | set(engine.tokenizer.eos_token_ids)
+    assert len(seen) == len(out[0].outputs[0].token_ids) and all(tensor is seen[0] for tensor in seen)
+    assert set(seen[0].tolist()) == set(stop_ids) | set(engine.tokenizer.eos_token_ids)
 
 
 def test_stop_strings_are_matched_without_building_anything_on_the_engine_thread(llm, monkeypatch):

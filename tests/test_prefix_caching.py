@@ -194,5 +194,5 @@ def test_aborting_a_request_frees_every_choice(make_llm):
 
 
 def test_more_choices_than_seats_are_refused(make_llm):
-    with pytest.raises(ValueError, match="more choices than the 2 sequences"):
+    with pytest.raises(ValueError, match="n is 3: more sequences than the 2 a batch runs at once"):
         make_llm(max_num_seqs=2).engine.add_request([1, 2, 3], SamplingParams(n=3))
