@@ -106,36 +106,27 @@ def _add_bias(logits: torch.Tensor, rows: list[ControlledRow]) -> None:
 
 def _penalize(logits: torch.Tensor, rows: list[ControlledRow]) -> None:
     """OpenAI's presence and frequency penalties over the output so far; transformers' repetition penalty over the
-    prompt and the output (a seen token's logit is divided by it when positive, multiplied when negative)."""
+    prompt and the output (a seen token's logit is divided by it when positive, multiplied when negative). Only
+    the cells of seen tokens are touched: a step reads and writes those, not the whole [rows, vocab]."""
     penalized = [i for i, row in enumerate(rows) if row.params.penalized]
     if not penalized:
         return
-    device, vocab = logits.device, logits.shape[1]
-    params = [rows[i].params for i in penalized]
-    column = lambda values: torch.tensor(values, device=device)[:, None]  # noqa: E731
-    outputs = [torch.tensor(rows[i].output_ids, dtype=torch.long, device=device) for i in penalized]
-    padded = _padded(outputs, vocab)
-    counts = torch.zeros(len(penalized), vocab + 1, device=device)  # the last column takes the padding
-    counts = counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))[:, :vocab]
-    index = torch.tensor(penalized, device=device)
-    x = logits[index]
-    if any(p.repetition_penalty != 1 for p in params):
-        prompts = [rows[i].controls.prompt_ids if rows[i].controls.prompt_ids is not None
-                   else torch.empty(0, dtype=torch.long, device=device) for i in penalized]
-        seen = torch.zeros(len(penalized), vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, _padded(prompts, vocab), True)
-        seen = seen[:, :vocab] | (counts > 0)
-        penalty = column([p.repetition_penalty for p in params])
-        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
-    x -= column([p.frequency_penalty for p in params]) * counts + column([p.presence_penalty for p in params]) \
-        * (counts > 0)
-    logits[index] = x
+    flat, vocab, device = logits.view(-1), logits.shape[1], logits.device
+    per_row = lambda name: torch.tensor([getattr(row.params, name) for row in rows], device=device)  # noqa: E731
+    outputs = {i: torch.tensor(rows[i].output_ids, dtype=torch.long, device=device) for i in penalized}
+    repeated = [i for i in penalized if rows[i].params.repetition_penalty != 1]
+    if repeated:
+        seen = _cells(vocab, {i: torch.cat([rows[i].controls.prompt_ids, outputs[i]]) for i in repeated}).unique()
+        values, penalty = flat[seen], per_row("repetition_penalty")[seen // vocab]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    cells, counts = _cells(vocab, outputs).unique(return_counts=True)
+    row_of = cells // vocab
+    flat[cells] -= per_row("frequency_penalty")[row_of] * counts + per_row("presence_penalty")[row_of]
 
 
-def _padded(ids: list[torch.Tensor], pad: int) -> torch.Tensor:
-    """[len(ids), longest]: the lists side by side, padded with `pad` (at least one column)."""
-    return torch.nn.utils.rnn.pad_sequence([torch.cat([t, t.new_tensor([pad])]) for t in ids], batch_first=True,
-                                           padding_value=pad)
+def _cells(vocab: int, ids: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The flat index (row * vocab + token) of each row's tokens."""
+    return torch.cat([row * vocab + tokens for row, tokens in ids.items()])
 
 
 def _row_of_each(tensors: list[torch.Tensor]) -> torch.Tensor:

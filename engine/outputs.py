@@ -8,6 +8,7 @@ class TokenLogprobs:
     biases, temperature and truncation), with the most likely tokens there, most likely first."""
     token_id: int
     logprob: float
+    rank: int  # 1 + how many tokens are more likely
     top: list[tuple[int, float]]  # (token id, logprob), as many as the request asked for
 
 

@@ -73,21 +73,25 @@ class Sampler:
         return probs
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Sample each row in proportion to its probabilities (argmax of p / Exp(1) noise), using the
-        request's own generator when it has a seed so that its draws do not depend on the batch."""
-        noise = torch.empty_like(probs)
-        for row, generator in enumerate(generators):
-            noise[row].exponential_(generator=generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+        """Sample each row in proportion to its probabilities by inverse transform: one uniform number per row, drawn
+        from the request's own generator when it has a seed (so that its draws do not depend on the batch), against
+        the row's cumulative probabilities. One number rather than noise over the whole vocabulary: drawing 49,152
+        exponentials a row took half of a 64-sequence decode step."""
+        cumulative = probs.cumsum(dim=-1, dtype=torch.float64)  # float64: no drift over a vocabulary of sums
+        uniforms = torch.stack([torch.rand((), dtype=torch.float64, device=probs.device,
+                                           generator=generator or self.generator) for generator in generators])
+        targets = (uniforms * cumulative[:, -1])[:, None]
+        return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
     """Each row's entry for its token, with its `top[i]` most likely tokens; logprobs: [rows, vocab]."""
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1).add_(1).tolist()
     values, ids = ([], []) if not max(top, default=0) else \
         (t.tolist() for t in logprobs.topk(max(top), dim=-1))
-    return [TokenLogprobs(token, logprob, list(zip(ids[i][:k], values[i][:k])) if k else [])
-            for i, (token, logprob, k) in enumerate(zip(tokens.tolist(), chosen, top))]
+    return [TokenLogprobs(token, logprob, rank, list(zip(ids[i][:k], values[i][:k])) if k else [])
+            for i, (token, logprob, rank, k) in enumerate(zip(tokens.tolist(), chosen[:, 0].tolist(), ranks, top))]
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ class Tokenizer:
 
     max_chars_per_token: int | None = field(init=False)  # the most text one token stands for; None: unknown
     _markups: dict[str, "Markup"] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _token_bytes: dict[int, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.max_chars_per_token = _max_chars_per_token(self.backend)
@@ -53,6 +54,23 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text, as the decoder makes them but losing none: a byte-level or
+        byte-fallback token that carries part of a UTF-8 character gives those bytes (decoding would give U+FFFD),
+        and a SentencePiece piece keeps the space its "▁" stands for (decoding drops it at the start of a text). An
+        id past the tokenizer's vocabulary (a model's padded rows) has none. Cached: a server asks for the same
+        tokens all the time."""
+        if token_id not in self._token_bytes:
+            piece = self.backend.id_to_token(token_id)
+            self._token_bytes[token_id] = b"" if piece is None else _piece_bytes(piece, self._decoder_steps)
+        return self._token_bytes[token_id]
+
+    @cached_property
+    def _decoder_steps(self) -> list[dict]:
+        """The decoder's steps, in order, as their JSON forms."""
+        spec = json.loads(self.backend.decoder.__getstate__()) if self.backend.decoder else None
+        return [] if spec is None else spec["decoders"] if spec["type"] == "Sequence" else [spec]
 
 
 class Markup:
@@ -120,6 +138,38 @@ def _trie_pattern(node: dict) -> str:
     branches = [re.escape(char) + _trie_pattern(child) for char, child in node.items() if char]
     branches += [""] if "" in node else []  # the word that ends here: after the longer ones
     return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: the printable Latin-1 bytes as
+    themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+def _piece_bytes(piece: str, steps: list[dict]) -> bytes:
+    """A vocabulary piece's bytes, through the decoder steps that act on one token alone. The steps that act
+    between tokens (Fuse) or at the text's start (Strip, Metaspace's first space) leave a lone token as it is."""
+    for step in steps:
+        kind = step["type"]
+        # As the library's ByteLevel decoder: a piece with a character outside the alphabet (an added token
+        # such as Command-R's emoji) is its own UTF-8.
+        if kind == "ByteLevel" and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        if kind == "ByteFallback" and (byte := _BYTE_PIECE.fullmatch(piece)):
+            return bytes([int(byte[1], 16)])
+        if kind == "Replace":
+            pattern = step["pattern"]
+            piece = (piece.replace(pattern["String"], step["content"]) if "String" in pattern
+                     else re.sub(pattern["Regex"], step["content"], piece))
+        if kind == "Metaspace":
+            piece = piece.replace(step["replacement"], " ")
+    return piece.encode("utf-8")
 
 
 # Normalizers and pre-tokenizers that never make text shorter (or drop it): with them, no token stands for more

@@ -27,7 +27,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_logprobs=args.max_logprobs)
     keys = tuple(args.api_key) + tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
     server = ServerConfig(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, api_keys=keys,

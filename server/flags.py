@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fraction of the GPU memory free after loading that the KV cache takes")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides both)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most log-probabilities a request may ask for per token (logprobs, top_logprobs, "
+                        "prompt_logprobs)")
     defaults = ServerConfig(model_name="")
     p.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
                    help="sequences (prompts times n) waiting to start beyond which new requests get 429")

@@ -69,7 +69,8 @@ class Metrics:
         times = out.metrics
         self.e2e_latency.observe(times.finished_time - times.arrival_time)
         self.queue_time.observe(times.first_scheduled_time - times.arrival_time)
-        self.time_to_first_token.observe(times.first_token_time - times.arrival_time)
+        if times.first_token_time is not None:  # none with max_tokens 0, which only scores the prompt
+            self.time_to_first_token.observe(times.first_token_time - times.arrival_time)
 
     def aborted(self, prompt: int, generated: list[int]) -> None:
         """A request ended before it finished; `generated` holds each choice's tokens so far."""

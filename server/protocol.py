@@ -1,16 +1,20 @@
 """Request and response bodies of the OpenAI API (field names, types and defaults as OpenAI has them)."""
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.params import MAX_STOP_TOKEN_IDS, SamplingParams
+from engine.params import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_BIASED_TOKENS, MAX_STOP_TOKEN_IDS,
+                           SamplingParams)
 
 MAX_PROMPTS = 128  # prompts in one completion request
 MAX_STOP = 4  # stop strings in one request, as OpenAI allows
 MAX_MESSAGES = 2048  # messages in one chat request, as OpenAI allows; and parts in one message
 MAX_CACHE_SALT_CHARS = 1024
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI bounds it
+TOKEN_ID_KEY = re.compile(r"[0-9]+")  # a logit_bias key: a token id written in ASCII digits, nothing around it
 
 
 class StrictModel(BaseModel):
@@ -30,20 +34,18 @@ class StreamOptions(StrictModel):
 
 
 # OpenAI parameters this server does not implement yet, with the values besides null that mean "not used".
-NOT_YET_SUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": (),
-                     "logit_bias": ({},), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "tools": ([],),
-                     "tool_choice": ("none",), "functions": ([],), "function_call": (), "parallel_tool_calls": (),
-                     "response_format": ({"type": "text"},)}
+NOT_YET_SUPPORTED = {"suffix": (), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": (),
+                     "parallel_tool_calls": (), "response_format": ({"type": "text"},)}
 
 
 def _unused(value, unused_values: tuple) -> bool:
-    """Null, or a value that leaves the parameter off, compared with its type: `logprobs: 0` asks for the sampled
-    token's log-probability, and 0 == False."""
+    """Null, or a value that leaves the parameter off, compared with its type (0 == False, yet `false` is not 0)."""
     return value is None or any(type(value) is type(unused) and value == unused for unused in unused_values)
 
 
 class SamplingFields(StrictModel):
-    """Fields both endpoints share: OpenAI's, then vLLM's extras."""
+    """Fields both endpoints share: OpenAI's, then vLLM's extras. A check across fields reads the ones validated
+    before it (`info.data`): those declared earlier, a base class's first."""
     model: str
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
@@ -53,9 +55,10 @@ class SamplingFields(StrictModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_BIASED_TOKENS)] | None = Field(
+        None, description="token id (a string) -> a bias in [-100, 100] added to its logit")
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
@@ -64,6 +67,10 @@ class SamplingFields(StrictModel):
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
                                    description="requests share cached prompt blocks only with the same salt")
+    repetition_penalty: float | None = Field(None, gt=0)
+    allowed_token_ids: Annotated[TokenIds, Field(max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
+    bad_words: Annotated[list[str], Field(max_length=MAX_BAD_WORDS)] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, description="per prompt token, up to the server's --max-logprobs")
 
     @field_validator("stop")
     @classmethod
@@ -71,6 +78,20 @@ class SamplingFields(StrictModel):
         if isinstance(stop, list) and len(stop) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stop)}")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias):
+        if bad := [key for key in bias or () if not TOKEN_ID_KEY.fullmatch(key)]:
+            raise ValueError(f"logit_bias keys must be token ids, such as \"50256\", got {bad[0]!r}")
+        return bias
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, prompt_logprobs, info):
+        if prompt_logprobs is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs cannot be used with stream")  # as vLLM answers
+        return prompt_logprobs
 
     @model_validator(mode="after")
     def _check(self):
@@ -82,22 +103,53 @@ class SamplingFields(StrictModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    @property
+    def shown_logprobs(self) -> int | None:
+        """The most likely tokens shown beside each generated token's log-probability; None: none shown."""
+        raise NotImplementedError
+
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        bias = None if self.logit_bias is None else {int(token): value for token, value in self.logit_bias.items()}
         return SamplingParams(
             n=1 if self.n is None else self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words, **self._scoring())
+
+    def _scoring(self) -> dict:
+        """The engine's logprobs and prompt_logprobs (and best_of), which the endpoints ask for differently."""
+        return {"logprobs": self.shown_logprobs, "prompt_logprobs": self.prompt_logprobs}
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], FailFast] | TokenIds | Annotated[list[TokenIds], FailFast]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo scores the prompt without generating")
+    logprobs: int | None = Field(None, ge=0, description="the most likely tokens shown per token (0: the chosen one "
+                                                        "only), up to the server's --max-logprobs")
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_not_streamed(cls, best_of, info):
+        # The n best of the candidates are known only once all of them have finished.
+        if best_of is not None and info.data.get("stream") and best_of > (info.data.get("n") or 1):
+            raise ValueError("best_of cannot be used with stream")  # as OpenAI answers
+        return best_of
+
+    @property
+    def shown_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def _scoring(self) -> dict:
+        # echo with logprobs shows the prompt's log-probabilities too: the engine computes as many as either asks
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return {"logprobs": self.logprobs, "prompt_logprobs": max(asked, default=None), "best_of": self.best_of}
 
     @field_validator("prompt")
     @classmethod
@@ -136,7 +188,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -149,8 +201,19 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs, info):
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs to be true")  # as OpenAI (and vLLM) answer
+        return top_logprobs
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def shown_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(StrictModel):

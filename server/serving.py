@@ -9,20 +9,22 @@ from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.engine import RequestRefused
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.params import ParamError, SamplingParams
 from models.default_model import DEFAULT_MODEL
 from server import chat
 from server.config import ServerConfig
 from server.errors import ApiError, envelope
+from server.logprobs import TextOffsets, chat_logprobs, legacy_logprobs, vllm_prompt_logprobs
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
 
 
 RETRY_AFTER_SECONDS = 1
 # The engine's refusals as OpenAI errors: code, and the field at fault (None: the prompt's own field).
-_REFUSALS = {"prompt": ("invalid_prompt", None), "stop_token_ids": ("invalid_request", "stop_token_ids"),
-             "length": ("context_length_exceeded", None), "n": ("invalid_request", "n")}
+_REFUSALS = {"prompt": ("invalid_prompt", None), "length": ("context_length_exceeded", None),
+             **{name: ("invalid_request", name) for name in ("stop_token_ids", "n", "best_of", "logit_bias",
+                                                             "allowed_token_ids", "logprobs", "prompt_logprobs")}}
 
 
 @dataclass
@@ -107,21 +109,24 @@ class Served:
                            "tokens")
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
-    def check_fits(self, ids: list[int], params: SamplingParams, param: str) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams, param: str, renamed: dict[str, str] | None = None
+                   ) -> None:
         """The engine's own checks, run before any response starts: a refused stream is a 400, not an error
-        event after a 200. `param` names the prompt's field, to which a length error is charged too."""
-        with _refusal_as_400(param):
+        event after a 200. `param` names the prompt's field, to which a length error is charged too; `renamed`
+        maps the engine's names of other fields to the request's."""
+        with _refusal_as_400(param, renamed):
             self.engine.engine.check_request(ids, params)
 
     def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str, timeout: float | None,
               cache_salt: str | None) -> "Run":
-        """Admit a request's sequences (each prompt's n choices) to the engine, or refuse them (429) when the queue
-        is full."""
-        limit, count = self.config.max_queued_requests, len(prompts) * params.n
+        """Admit a request's sequences (each prompt's n choices, or best_of candidates) to the engine, or refuse them
+        (429) when the queue is full."""
+        limit, count = self.config.max_queued_requests, len(prompts) * params.num_candidates
         if count > limit:
-            raise ApiError(400, f"{count} sequences in one request ({len(prompts)} prompts, n={params.n}), more than "
-                                f"the server queues at once ({limit})", "too_many_prompts",
-                           "n" if params.n > 1 else "prompt")
+            name = _choices_field(params)
+            raise ApiError(400, f"{count} sequences in one request ({len(prompts)} prompts, {name}="
+                                f"{params.num_candidates}), more than the server queues at once ({limit})",
+                           "too_many_prompts", name if params.num_candidates > 1 else "prompt")
         if self.queued + count > limit:
             raise ApiError(429, f"the server is busy: {self.queued} sequences are waiting to start (at most {limit}); "
                                 "retry later", "rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -134,13 +139,14 @@ class Served:
 
 
 class Run:
-    """The engine work of one HTTP request: the outputs of each prompt (all its n choices) as they come, tagged
+    """The engine work of one HTTP request: the outputs of each prompt (all its sequences) as they come, tagged
     with the prompt's index; None as a keep-alive tick after each `sse_ping_interval` of silence; an error past
     the deadline. `close()` aborts whatever has not finished, whoever calls it and however often."""
 
     def __init__(self, served: Served, prompts: list[list[int]], params: SamplingParams, request_id: str,
                  timeout: float | None, cache_salt: str | None):
-        self.served, self.prompts, self.timeout, self.n = served, prompts, timeout, params.n
+        self.served, self.prompts, self.timeout = served, prompts, timeout
+        self.per_prompt = params.num_candidates  # sequences each prompt runs
         loop = asyncio.get_running_loop()
         self.deadline = None if timeout is None else loop.time() + timeout
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -155,7 +161,7 @@ class Run:
         self.failed = False  # an error came in (a refused prompt, the drain, a dead engine): no aborts to count
         self.tasks = [asyncio.create_task(self._pump(i, ids, params, f"{request_id}-{i}", cache_salt))
                       for i, ids in enumerate(prompts)]
-        served.queued += len(prompts) * self.n
+        served.queued += len(prompts) * self.per_prompt
         served.runs.add(self)
 
     async def _pump(self, index: int, ids: list[int], params: SamplingParams, request_id: str,
@@ -202,7 +208,7 @@ class Run:
         metrics, now = self.served.metrics, time.monotonic()
         if index in self.waiting:
             self.waiting.discard(index)
-            self.served.queued -= self.n  # the prompt has started, and with it its choices
+            self.served.queued -= self.per_prompt  # the prompt has started, and with it its sequences
             self.first_output_at = self.first_output_at or now
         else:
             metrics.inter_token_latency.observe(now - self.last_output[index])
@@ -220,24 +226,24 @@ class Run:
         self.closed = True
         self.queue.put_nowait((None, None))
         self.served.runs.discard(self)
-        self.served.queued -= len(self.waiting) * self.n
+        self.served.queued -= len(self.waiting) * self.per_prompt
         for task in self.tasks:
             task.cancel()  # which aborts the request in the engine
         for index in () if self.failed else self.waiting:
-            self.served.metrics.aborted(len(self.prompts[index]), [0] * self.n)
+            self.served.metrics.aborted(len(self.prompts[index]), [0] * self.per_prompt)
         for index, out in self.running.items():
             self.served.metrics.aborted(len(self.prompts[index]), [len(c.token_ids) for c in out.outputs])
 
 
 @contextlib.contextmanager
-def _refusal_as_400(param: str):
+def _refusal_as_400(param: str, renamed: dict[str, str] | None = None):
     """The engine's refusals as the client's 400s; `param` names the prompt's field, which a length error is
-    charged to as well."""
+    charged to as well, and `renamed` the request's names of the engine's other fields."""
     try:
         yield
     except RequestRefused as exc:
         code, field = _REFUSALS[exc.what]
-        raise ApiError(400, str(exc), code, field or param) from exc
+        raise ApiError(400, str(exc), code, (renamed or {}).get(field, field) or param) from exc
 
 
 def _as_api_error(exc: Exception) -> Exception:
@@ -266,12 +272,30 @@ def usage(outputs: list[RequestOutput]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What a response shows of each choice besides its text, as the request asked."""
+    logprobs: int | None = None  # the most likely tokens beside each token's log-probability; None: none at all
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: so many most likely tokens per prompt token
+    echo: list[str] | None = None  # completions with echo: each prompt's text, which its choices begin with
+
+
+@dataclass
+class _Sent:
+    """What a stream has sent of one choice."""
+    text: str = ""  # of its completion
+    tokens: int = 0  # its tokens whose log-probabilities went out
+    echoed: bool = False  # with echo: its prompt went out
+    ended: bool = False
+    offsets: TextOffsets = field(default_factory=TextOffsets)  # where its next token's text begins
+
+
 class Exchange:
     """One request's shapes: the full response and its stream chunks (completions or chat). A prompt's choice i
     is numbered prompt index * n + i, as OpenAI and vLLM number the choices of several prompts."""
 
-    def __init__(self, served: Served, chat_style: bool, n: int = 1):
-        self.served, self.chat, self.n = served, chat_style, n
+    def __init__(self, served: Served, chat_style: bool, n: int = 1, shown: Shown = Shown()):
+        self.served, self.chat, self.n, self.shown = served, chat_style, n, shown
         self.id = new_id("chatcmpl" if chat_style else "cmpl")
         self.created = now()
 
@@ -282,24 +306,59 @@ class Exchange:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.served.model_name}
 
     def response(self, outputs: list[RequestOutput]) -> dict:
-        choices = []
-        for prompt_index, out in enumerate(outputs):
-            for c in out.outputs:
-                body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
-                choices.append({"index": self._index(prompt_index, c), **body, "logprobs": None, **_reasons(c)})
-        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
+        choices = [{"index": self._index(prompt_index, c), **self._choice(prompt_index, out, c), **_reasons(c)}
+                   for prompt_index, out in enumerate(outputs) for c in out.outputs]
+        body = {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(outputs)}
+        if self.chat and self.shown.prompt_logprobs is not None:  # where vLLM puts a chat's: in the response
+            body["prompt_logprobs"] = self._prompt_logprobs(outputs[0])
+        return body
+
+    def _choice(self, prompt_index: int, out: RequestOutput, c: CompletionOutput) -> dict:
+        """A finished choice's text (chat: its message) and log-probabilities; with echo, the prompt's first."""
+        ids, entries = c.token_ids, _entries(c, 0)
+        if self.chat:
+            return {"message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(ids, entries)}
+        text = c.text
+        if self.shown.echo is not None:
+            echoed, prompt_ids, prompt_entries = self._echo(prompt_index, out)
+            text, ids, entries = echoed + text, prompt_ids + ids, prompt_entries + entries
+        choice = {"text": text, "logprobs": self._logprobs(ids, entries)}
+        if self.shown.prompt_logprobs is not None:  # where vLLM puts a completion's: in each choice
+            choice["prompt_logprobs"] = self._prompt_logprobs(out)
+        return choice
+
+    def _echo(self, prompt_index: int, out: RequestOutput) -> tuple[str, list[int], list[TokenLogprobs | None]]:
+        """What echo puts before each choice of a prompt: its text, its tokens and their log-probabilities (the
+        first None: nothing scores it)."""
+        ids = out.prompt_token_ids
+        return self.shown.echo[prompt_index], ids, out.prompt_logprobs or [None] * len(ids)
+
+    def _logprobs(self, token_ids: list[int], entries: list[TokenLogprobs | None],
+                  offsets: TextOffsets | None = None) -> dict | None:
+        """These tokens' log-probabilities in the endpoint's shape, None when the request asked for none; `offsets`
+        carries the legacy shape's text offsets on from the tokens shown before."""
+        if self.shown.logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.served.tokenizer, entries, self.shown.logprobs)
+        return legacy_logprobs(self.served.tokenizer, token_ids, entries, self.shown.logprobs,
+                               offsets or TextOffsets())
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict | None]:
+        return vllm_prompt_logprobs(self.served.tokenizer, out.prompt_logprobs or [], self.shown.prompt_logprobs)
 
     def chunk(self, index: int, text: str | None, final: CompletionOutput | None = None, role: bool = False,
-              include_usage: bool = False) -> str:
-        """One choice's delta; `final` (its finished output) adds the finish and stop reasons. With
-        include_usage every chunk but the last carries `"usage": null`, as OpenAI sends them."""
+              include_usage: bool = False, logprobs: dict | None = None) -> str:
+        """One choice's delta, with the log-probabilities of its tokens; `final` (its finished output) adds the
+        finish and stop reasons. With include_usage every chunk but the last carries `"usage": null`, as OpenAI
+        sends them."""
         finish = {"finish_reason": None} if final is None else _reasons(final)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "logprobs": None, **finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, **finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, **finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, **finish}
         usage_field = {"usage": None} if include_usage else {}
         return sse({**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice],
                     **usage_field})
@@ -313,7 +372,7 @@ class Exchange:
         """SSE events: deltas of text that is safe to show, the choices of `count` prompts interleaved, a
         finish_reason per choice, usage, [DONE]; a `: ping` comment whenever the engine was silent for a while
         (queued, or a long prefill)."""
-        sent, ended, finals = [""] * (count * self.n), set(), [None] * count
+        sent, finals = [_Sent() for _ in range(count * self.n)], [None] * count
         chunk = functools.partial(self.chunk, include_usage=include_usage)
         try:
             if self.chat:
@@ -324,7 +383,7 @@ class Exchange:
                     yield ": ping\n\n"
                     continue
                 prompt_index, out = item
-                for event in self._choice_chunks(prompt_index, out, sent, ended, chunk):
+                for event in self._choice_chunks(prompt_index, out, sent, chunk):
                     yield event
                 if out.finished:
                     finals[prompt_index] = out
@@ -336,21 +395,43 @@ class Exchange:
             yield sse(envelope(error.status, error.message, error.code, error.param))
         yield "data: [DONE]\n\n"
 
-    def _choice_chunks(self, prompt_index: int, out: RequestOutput, sent: list[str], ended: set[int],
+    def _choice_chunks(self, prompt_index: int, out: RequestOutput, sent: list[_Sent],
                        chunk: Callable[..., str]) -> Iterator[str]:
-        """What one output of a prompt adds to the stream: each choice's new text, and its finish once (the engine
-        keeps sending a finished choice's final state while its siblings run). `sent` and `ended` record it."""
+        """What one output of a prompt adds to the stream: with echo, first the prompt; then each choice's new
+        text, and its finish once (the engine keeps sending a finished choice's final state while its siblings
+        run). The detokenizer holds text back, so text and tokens do not pair up: each chunk carries the
+        log-probabilities of the tokens that came since the choice's last chunk. `sent` records it."""
         for c in out.outputs:
             index = self._index(prompt_index, c)
-            if index in ended:
+            progress = sent[index]
+            if progress.ended:
                 continue
-            delta = c.text[len(sent[index]):]
-            sent[index] = c.text
+            if self.shown.echo is not None and not progress.echoed:
+                progress.echoed = True
+                echoed, ids, entries = self._echo(prompt_index, out)
+                yield chunk(index, echoed, logprobs=self._logprobs(ids, entries, progress.offsets))
+            delta = c.text[len(progress.text):]
+            progress.text = c.text
             if delta:
-                yield chunk(index, delta)
+                yield chunk(index, delta, logprobs=self._new_logprobs(c, progress))
             if c.finish_reason is not None:
-                ended.add(index)
-                yield chunk(index, None, c)
+                progress.ended = True
+                yield chunk(index, None, c, logprobs=self._new_logprobs(c, progress))
+
+    def _new_logprobs(self, c: CompletionOutput, progress: _Sent) -> dict | None:
+        """The log-probabilities of the choice's tokens that no chunk carried yet, now counted as sent; None when
+        no token came."""
+        start = progress.tokens
+        if start == len(c.token_ids):
+            return None
+        progress.tokens = len(c.token_ids)
+        return self._logprobs(c.token_ids[start:], _entries(c, start), progress.offsets)
+
+
+def _entries(c: CompletionOutput, start: int) -> list[TokenLogprobs]:
+    """The log-probabilities of a choice's tokens from `start` on (none when not computed). The engine goes on
+    appending to its list after it handed the output over: the tokens' count bounds them."""
+    return (c.logprobs or [])[start:len(c.token_ids)]
 
 
 def _reasons(output: CompletionOutput) -> dict:
@@ -363,18 +444,23 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
-    prompts, params = [served.encode(p) for p in req.prompts()], _params(served, req, req.max_tokens)
+def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams, Shown]:
+    texts = req.prompts()
+    prompts, params = [served.encode(p) for p in texts], _params(served, req, req.max_tokens)
     for ids in prompts:
         served.check_fits(ids, params, "prompt")
-    return prompts, params
+    echo = None if not req.echo else [
+        text if isinstance(text, str) else served.tokenizer.decode(ids, skip_special_tokens=False)
+        for text, ids in zip(texts, prompts)]
+    return prompts, params, Shown(req.shown_logprobs, req.prompt_logprobs, echo)
 
 
-def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams, Shown]:
     ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     params = _params(served, req, req.token_limit())
-    served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages")
-    return [ids], params
+    served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages",
+                      renamed={"logprobs": "top_logprobs"})  # chat's logprobs is a switch; top_logprobs the count
+    return [ids], params, Shown(req.shown_logprobs, req.prompt_logprobs)
 
 
 def _params(served: Served, req, max_tokens: int | None) -> SamplingParams:
@@ -385,7 +471,13 @@ def _params(served: Served, req, max_tokens: int | None) -> SamplingParams:
         if param == "max_tokens" and getattr(req, "max_completion_tokens", None):
             param = "max_completion_tokens"  # the chat field the limit came from
         raise ApiError(400, str(exc), "invalid_request", param) from exc
-    if params.n > served.config.max_n:
-        raise ApiError(400, f"n is {params.n}, more than this server allows ({served.config.max_n})",
-                       "invalid_request", "n")
+    if params.num_candidates > served.config.max_n:
+        name = _choices_field(params)
+        raise ApiError(400, f"{name} is {params.num_candidates}, more than this server allows ({served.config.max_n})",
+                       "invalid_request", name)
     return params
+
+
+def _choices_field(params: SamplingParams) -> str:
+    """The field that sets how many sequences each prompt runs."""
+    return "n" if params.best_of is None else "best_of"

@@ -106,7 +106,7 @@ def completion(**fields) -> dict:
     (json.dumps(completion(stop_token_ids=[10**12], min_tokens=2)).encode(), "stop_token_ids", "stop_token_ids"),
     (json.dumps(completion(prompt="word " * 300)).encode(), "prompt", "maximum context length"),
     (json.dumps(completion(prompt="word " * 20000)).encode(), "prompt", "more than the 128 tokens"),  # not tokenized
-    (json.dumps(completion(logprobs=0)).encode(), None, "logprobs"),  # 0 asks for the sampled token's
+    (json.dumps(completion(suffix="")).encode(), None, "suffix"),  # not supported yet, and "" is a suffix too
     # refused by the engine's own checks, which run before a stream starts: a 400, not an error event after a 200
     (json.dumps(completion(prompt=[1, 2, 32000], stream=True)).encode(), "prompt", "vocabulary"),
     (json.dumps(completion(stop_token_ids=[10**12], stream=True)).encode(), "stop_token_ids", "stop_token_ids"),
@@ -153,10 +153,13 @@ def test_hand_written_bad_chats(url, body):
 
 def test_odd_but_valid_values_run(url):
     """Values at the edges that must run, not crash the engine: a top_k beyond the vocabulary beside one
-    within it, tiny temperatures (greedy below 1e-5, as in vLLM), a seed at the 64-bit edge, nulls for
-    parameters not supported yet (null is "not used"), an int where a float goes."""
+    within it, tiny temperatures (greedy below 1e-5, as in vLLM), a seed at the 64-bit edge, nulls for optional
+    parameters (null is "not used"), an int where a float goes, a prompt scored without generating, best_of equal
+    to n in a stream (nothing to choose)."""
     bodies = [completion(top_k=10**12, seed=2**63 - 1), completion(top_k=3, temperature=1e-30, seed=-2**63),
-              completion(temperature=1e-300), completion(temperature=1, top_p=1), completion(echo=None, presence_penalty=None, frequency_penalty=None)]
+              completion(temperature=1e-300), completion(temperature=1, top_p=1),
+              completion(echo=None, presence_penalty=None, frequency_penalty=None, logit_bias=None),
+              completion(echo=True, logprobs=0, max_tokens=0), completion(best_of=2, n=2, stream=True)]
     for body in bodies:
         response = raw(url, json.dumps(body).encode())
         assert response.status_code == 200, response.text

@@ -152,8 +152,8 @@ def test_auth(base_url):
 @pytest.mark.parametrize("body,status,code,param,text", [
     ({"model": "other", "prompt": "hi"}, 404, "model_not_found", "model", "other"),
     ({"model": MODEL, "prompt": "hi", "foo": 1}, 400, None, "foo", "unknown field 'foo'"),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, None, None, "logprobs"),
-    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, None, None, "presence_penalty"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, None, "logprobs", "max_logprobs"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, None, "presence_penalty", None),
     ({"model": MODEL, "prompt": "hi", "n": 17}, 400, None, "n", "more than this server allows (16)"),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, None, "temperature", None),
     ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400, None, "max_tokens", None),

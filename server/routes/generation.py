@@ -62,8 +62,8 @@ def router(lifecycle: Lifecycle) -> APIRouter:
         served = lifecycle.served
         served.check_model(body.model)
         # Off the event loop: rendering and tokenizing a prompt of megabytes would stall every stream and probe.
-        prompts, params = await asyncio.to_thread(inputs, served, body)
-        exchange = Exchange(served, chat_style, params.n)
+        prompts, params, shown = await asyncio.to_thread(inputs, served, body)
+        exchange = Exchange(served, chat_style, params.n, shown)
         salt = cache_salt(request.state.api_key_digest, body.cache_salt)
         run = served.start(prompts, params, exchange.id, request_timeout(request, lifecycle.config), salt)
         request.state.run = run  # its tokens and timings go into the request's log line
