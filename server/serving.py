@@ -4,20 +4,20 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.engine import RequestRefused
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from engine.outputs import RequestOutput
 from engine.params import ParamError, SamplingParams
 from models.default_model import DEFAULT_MODEL
 from server import chat
 from server.config import ServerConfig
-from server.errors import ApiError, envelope
-from server.logprobs import TextOffsets, chat_logprobs, legacy_logprobs, vllm_prompt_logprobs
+from server.errors import ApiError
+from server.exchange import Shown
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 RETRY_AFTER_SECONDS = 1
@@ -261,187 +261,6 @@ def cache_salt(api_key_digest: str | None, salt: str | None) -> str | None:
     digest as well, so that one tenant can never probe another's prompts through time to first token. As JSON,
     no pair of key and salt can spell another pair's."""
     return salt if api_key_digest is None else json.dumps([api_key_digest, salt])
-
-
-def usage(outputs: list[RequestOutput]) -> dict:
-    """Each prompt's tokens once (the choices share it), the tokens of every choice, and the prompt tokens whose
-    KV blocks came from the prefix cache."""
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
-
-
-@dataclass(frozen=True)
-class Shown:
-    """What a response shows of each choice besides its text, as the request asked."""
-    logprobs: int | None = None  # the most likely tokens beside each token's log-probability; None: none at all
-    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: so many most likely tokens per prompt token
-    echo: list[str] | None = None  # completions with echo: each prompt's text, which its choices begin with
-
-
-@dataclass
-class _Sent:
-    """What a stream has sent of one choice."""
-    text: str = ""  # of its completion
-    tokens: int = 0  # its tokens whose log-probabilities went out
-    echoed: bool = False  # with echo: its prompt went out
-    ended: bool = False
-    offsets: TextOffsets = field(default_factory=TextOffsets)  # where its next token's text begins
-
-
-class Exchange:
-    """One request's shapes: the full response and its stream chunks (completions or chat). A prompt's choice i
-    is numbered prompt index * n + i, as OpenAI and vLLM number the choices of several prompts."""
-
-    def __init__(self, served: Served, chat_style: bool, n: int = 1, shown: Shown = Shown()):
-        self.served, self.chat, self.n, self.shown = served, chat_style, n, shown
-        self.id = new_id("chatcmpl" if chat_style else "cmpl")
-        self.created = now()
-
-    def _index(self, prompt_index: int, choice: CompletionOutput) -> int:
-        return prompt_index * self.n + choice.index
-
-    def _base(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.served.model_name}
-
-    def response(self, outputs: list[RequestOutput]) -> dict:
-        choices = [{"index": self._index(prompt_index, c), **self._choice(prompt_index, out, c), **_reasons(c)}
-                   for prompt_index, out in enumerate(outputs) for c in out.outputs]
-        body = {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
-                "usage": usage(outputs)}
-        if self.chat and self.shown.prompt_logprobs is not None:  # where vLLM puts a chat's: in the response
-            body["prompt_logprobs"] = self._prompt_logprobs(outputs[0])
-        return body
-
-    def _choice(self, prompt_index: int, out: RequestOutput, c: CompletionOutput) -> dict:
-        """A finished choice's text (chat: its message) and log-probabilities; with echo, the prompt's first."""
-        ids, entries = c.token_ids, _entries(c, 0)
-        if self.chat:
-            return {"message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(ids, entries)}
-        text = c.text
-        if self.shown.echo is not None:
-            echoed, prompt_ids, prompt_entries = self._echo(prompt_index, out)
-            text, ids, entries = echoed + text, prompt_ids + ids, prompt_entries + entries
-        choice = {"text": text, "logprobs": self._logprobs(ids, entries)}
-        if self.shown.prompt_logprobs is not None:  # where vLLM puts a completion's: in each choice
-            choice["prompt_logprobs"] = self._prompt_logprobs(out)
-        return choice
-
-    def _echo(self, prompt_index: int, out: RequestOutput) -> tuple[str, list[int], list[TokenLogprobs | None]]:
-        """What echo puts before each choice of a prompt: its text, its tokens and their log-probabilities (the
-        first None: nothing scores it)."""
-        ids = out.prompt_token_ids
-        return self.shown.echo[prompt_index], ids, out.prompt_logprobs or [None] * len(ids)
-
-    def _logprobs(self, token_ids: list[int], entries: list[TokenLogprobs | None],
-                  offsets: TextOffsets | None = None) -> dict | None:
-        """These tokens' log-probabilities in the endpoint's shape, None when the request asked for none; `offsets`
-        carries the legacy shape's text offsets on from the tokens shown before."""
-        if self.shown.logprobs is None:
-            return None
-        if self.chat:
-            return chat_logprobs(self.served.tokenizer, entries, self.shown.logprobs)
-        return legacy_logprobs(self.served.tokenizer, token_ids, entries, self.shown.logprobs,
-                               offsets or TextOffsets())
-
-    def _prompt_logprobs(self, out: RequestOutput) -> list[dict | None]:
-        return vllm_prompt_logprobs(self.served.tokenizer, out.prompt_logprobs or [], self.shown.prompt_logprobs)
-
-    def chunk(self, index: int, text: str | None, final: CompletionOutput | None = None, role: bool = False,
-              include_usage: bool = False, logprobs: dict | None = None) -> str:
-        """One choice's delta, with the log-probabilities of its tokens; `final` (its finished output) adds the
-        finish and stop reasons. With include_usage every chunk but the last carries `"usage": null`, as OpenAI
-        sends them."""
-        finish = {"finish_reason": None} if final is None else _reasons(final)
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, **finish}
-        else:
-            choice = {"index": index, "text": text or "", "logprobs": logprobs, **finish}
-        usage_field = {"usage": None} if include_usage else {}
-        return sse({**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice],
-                    **usage_field})
-
-    def usage_chunk(self, outputs: list[RequestOutput]) -> str:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return sse({**self._base(obj), "choices": [], "usage": usage(outputs)})
-
-    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput] | None], count: int,
-                     include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: deltas of text that is safe to show, the choices of `count` prompts interleaved, a
-        finish_reason per choice, usage, [DONE]; a `: ping` comment whenever the engine was silent for a while
-        (queued, or a long prefill)."""
-        sent, finals = [_Sent() for _ in range(count * self.n)], [None] * count
-        chunk = functools.partial(self.chunk, include_usage=include_usage)
-        try:
-            if self.chat:
-                for index in range(count * self.n):
-                    yield chunk(index, None, role=True)
-            async for item in outputs:
-                if item is None:
-                    yield ": ping\n\n"
-                    continue
-                prompt_index, out = item
-                for event in self._choice_chunks(prompt_index, out, sent, chunk):
-                    yield event
-                if out.finished:
-                    finals[prompt_index] = out
-            if include_usage:
-                yield self.usage_chunk(finals)
-        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            error = exc if isinstance(exc, ApiError) else ApiError(500, f"internal error: {exc}")
-            self.served.metrics.errors.labels(status=str(error.status)).inc()
-            yield sse(envelope(error.status, error.message, error.code, error.param))
-        yield "data: [DONE]\n\n"
-
-    def _choice_chunks(self, prompt_index: int, out: RequestOutput, sent: list[_Sent],
-                       chunk: Callable[..., str]) -> Iterator[str]:
-        """What one output of a prompt adds to the stream: with echo, first the prompt; then each choice's new
-        text, and its finish once (the engine keeps sending a finished choice's final state while its siblings
-        run). The detokenizer holds text back, so text and tokens do not pair up: each chunk carries the
-        log-probabilities of the tokens that came since the choice's last chunk. `sent` records it."""
-        for c in out.outputs:
-            index = self._index(prompt_index, c)
-            progress = sent[index]
-            if progress.ended:
-                continue
-            if self.shown.echo is not None and not progress.echoed:
-                progress.echoed = True
-                echoed, ids, entries = self._echo(prompt_index, out)
-                yield chunk(index, echoed, logprobs=self._logprobs(ids, entries, progress.offsets))
-            delta = c.text[len(progress.text):]
-            progress.text = c.text
-            if delta:
-                yield chunk(index, delta, logprobs=self._new_logprobs(c, progress))
-            if c.finish_reason is not None:
-                progress.ended = True
-                yield chunk(index, None, c, logprobs=self._new_logprobs(c, progress))
-
-    def _new_logprobs(self, c: CompletionOutput, progress: _Sent) -> dict | None:
-        """The log-probabilities of the choice's tokens that no chunk carried yet, now counted as sent; None when
-        no token came."""
-        start = progress.tokens
-        if start == len(c.token_ids):
-            return None
-        progress.tokens = len(c.token_ids)
-        return self._logprobs(c.token_ids[start:], _entries(c, start), progress.offsets)
-
-
-def _entries(c: CompletionOutput, start: int) -> list[TokenLogprobs]:
-    """The log-probabilities of a choice's tokens from `start` on (none when not computed). The engine goes on
-    appending to its list after it handed the output over: the tokens' count bounds them."""
-    return (c.logprobs or [])[start:len(c.token_ids)]
-
-
-def _reasons(output: CompletionOutput) -> dict:
-    """Why a choice ended: OpenAI's finish_reason, and vLLM's stop_reason (the stop string or token id that
-    ended it, null for EOS and length)."""
-    return {"finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams, Shown]:

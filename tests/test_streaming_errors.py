@@ -4,7 +4,7 @@ import json
 
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.serving import Exchange
+from server.exchange import Exchange
 
 
 class _Served:

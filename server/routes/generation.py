@@ -9,7 +9,8 @@ from server.config import ServerConfig
 from server.errors import ApiError
 from server.lifecycle import Lifecycle
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import Exchange, Run, cache_salt, chat_inputs, completion_inputs
+from server.exchange import Exchange
+from server.serving import Run, cache_salt, chat_inputs, completion_inputs
 
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; can only shorten the server's --request-timeout
 
