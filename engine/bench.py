@@ -91,14 +91,19 @@ def matmul_ceiling(model: nn.Module, requests: int, prompt_len: int, new_tokens:
     return requests * new_tokens / total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_args(doc: str) -> argparse.Namespace:
+    """The flags the throughput benchmarks share: the model and the batch they run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = workload_args(__doc__)
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(args.model)

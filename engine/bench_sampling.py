@@ -8,7 +8,6 @@ logit bias. Plain and controlled runs alternate (`--repeats` each, new prompts e
 serves nothing) and the table gives each run's generated tokens per second, the median ratio and its spread, and
 the share of the steps' time spent in the sampler (its controls and logprobs included).
 """
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.bench import make_prompts
+from engine.bench import make_prompts, workload_args
 from models.default_model import resolve_model
 
 CONTROLS = dict(logprobs=5, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1,
@@ -62,13 +61,7 @@ def run(llm: LLM, timer: TimedSampler, prompts: list[list[int]], new_tokens: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2)")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=100)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = workload_args(__doc__)
     path = resolve_model(args.model)
     llm = LLM(str(path), dtype="float32", device="cpu")
     timer = TimedSampler(llm)
