@@ -5,7 +5,7 @@
 Both runs generate exactly `--new-tokens` tokens per request (ignore_eos), at temperature 0.8 with a seed. The
 controlled run asks each request for logprobs with the top 5, presence, frequency and repetition penalties, and a
 logit bias. Plain and controlled runs alternate (`--repeats` each, new prompts every run, so that the prefix cache
-serves nothing) and the table gives each run's generated tokens per second, the median ratio and its spread, and
+serves nothing; which goes first alternates too) and the table gives each run's generated tokens per second, the median ratio and its spread, and
 the share of the steps' time spent in the sampler (its controls and logprobs included).
 """
 import statistics
@@ -73,10 +73,11 @@ def main() -> None:
           f"{'ratio':>8}")
     ratios = []
     for repeat in range(args.repeats):
-        plain, plain_share = run(llm, timer, make_prompts(tokenizer, args.requests, args.prompt_len,
-                                                          tag=f"plain {repeat}"), args.new_tokens, {})
-        controlled, share = run(llm, timer, make_prompts(tokenizer, args.requests, args.prompt_len,
-                                                         tag=f"controlled {repeat}"), args.new_tokens, CONTROLS)
+        results = {}
+        for name in ("plain", "controlled") if repeat % 2 == 0 else ("controlled", "plain"):  # neither always first
+            prompts = make_prompts(tokenizer, args.requests, args.prompt_len, tag=f"{name} {repeat}")
+            results[name] = run(llm, timer, prompts, args.new_tokens, CONTROLS if name == "controlled" else {})
+        (plain, plain_share), (controlled, share) = results["plain"], results["controlled"]
         ratios.append(controlled / plain)
         print(f"{repeat:<6}{plain:>14.1f}{plain_share:>15.1%}{controlled:>19.1f}{share:>15.1%}"
               f"{controlled / plain:>7.3f}x", flush=True)
