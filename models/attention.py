@@ -1,9 +1,11 @@
 """Paged attention: new K/V go into a block pool, queries attend over the blocks of their sequence.
 
-The pure-PyTorch implementation runs on every device. Decoding may instead call a kernel that reads
-the blocks in place (`decode_kernel`, set at load: the native CPU kernel of `models/native.py`); a
-flash-attention kernel on CUDA can come in the same way, behind the same metadata.
+The pure-PyTorch implementation runs on every device. A kernel that reads the blocks in place may replace it
+(`decode_kernel`, set at load: the native CPU kernel of `models/native.py`, which computes every token, a prompt's
+too, as a query over its own sequence's blocks, so that its result does not depend on the batch); a flash-attention
+kernel on CUDA can come in the same way, behind the same metadata.
 """
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -32,6 +34,16 @@ class AttentionMetadata:
         return (torch.arange(int(lens.max()), device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
 
     @cached_property
+    def query_starts(self) -> torch.Tensor:
+        """[num_seqs + 1]: where each sequence's new tokens begin in the flat batch, then where the last one ends."""
+        return torch.tensor([0, *itertools.accumulate(self.query_lens)], device=self.slot_mapping.device)
+
+    @cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        """[num_seqs]: context_lens as a tensor."""
+        return torch.tensor(self.context_lens, device=self.slot_mapping.device)
+
+    @cached_property
     def seq_len_per_token(self) -> torch.Tensor:
         """The length of the sequence each token belongs to (dynamic rotary scaling needs it)."""
         lens = torch.tensor(self.context_lens)
@@ -43,7 +55,8 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.decode_kernel = None  # (q, cache, block_tables, context_lens, scale) -> out, or the PyTorch path
+        # (q, cache, block_tables, context_lens, scale, query_starts) -> out for every token, or the PyTorch path
+        self.decode_kernel = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -51,6 +64,9 @@ class PagedAttention(nn.Module):
         slots = cache.view(2, -1, self.num_kv_heads, self.head_dim)
         slots[0].index_copy_(0, meta.slot_mapping, k)
         slots[1].index_copy_(0, meta.slot_mapping, v)
+        if self.decode_kernel is not None:  # every token a query over its own sequence's blocks: batch-invariant
+            return self.decode_kernel(q, cache, meta.block_tables, meta.context_lens_tensor, self.scale,
+                                      meta.query_starts).flatten(1)
         parts, start = [], 0
         for i in range(meta.num_prefills):
             end = start + meta.query_lens[i]
@@ -58,11 +74,7 @@ class PagedAttention(nn.Module):
                                        meta.block_tables[i], meta.context_lens[i]))
             start = end
         if start < q.shape[0]:
-            block_tables = meta.block_tables[meta.num_prefills:]
-            if self.decode_kernel is None:
-                parts.append(self._decode(q[start:], cache, block_tables, meta.decode_mask))
-            else:
-                parts.append(self.decode_kernel(q[start:], cache, block_tables, meta.decode_context_lens, self.scale))
+            parts.append(self._decode(q[start:], cache, meta.block_tables[meta.num_prefills:], meta.decode_mask))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).flatten(1)
 
     def _prefill(self, q, k, v, cache: KVCache, block_table, context_len: int) -> torch.Tensor:

@@ -51,9 +51,13 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden, [intermediate, intermediate], bias)
         self.down_proj = Linear(intermediate, hidden, bias)
+        self.act_kernel = None  # gate_up -> silu(gate) * up, set at load (the native CPU kernel), or the steps below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_kernel is not None:
+            return self.down_proj(self.act_kernel(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no new [tokens, intermediate]
 
 

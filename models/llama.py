@@ -47,12 +47,13 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        # (x, rotation, cache, meta) -> this layer's output for a batch of one-token sequences, in one call: set at
-        # load (the native CPU kernel), or None for the steps below.
+        # (x, rotation, cache, meta) -> this layer's output, in one call: set at load (the native CPU kernel), or None
+        # for the steps below. It runs every step, prompt chunks included: a token then always takes the same path,
+        # and its output does not depend on the batch.
         self.decode_kernel = None
 
     def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        if self.decode_kernel is not None and meta.num_prefills == 0 and len(x) <= self.decode_kernel.max_seqs:
+        if self.decode_kernel is not None:
             return self.decode_kernel(x, rotation, cache, meta)
         x = x + self.self_attn(self.input_layernorm(x), rotation, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -11,7 +11,7 @@ from torch import nn
 from models.attention import PagedAttention
 from models.config import ModelConfig, config_from_gguf, config_from_hf
 from models.gguf_file import open_gguf
-from models.layers import Linear, RMSNorm
+from models.layers import GatedMLP, Linear, RMSNorm
 from models.llama import LlamaDecoderLayer
 from models.native import NativeKernels, pick_kernels
 from models.registry import model_class
@@ -68,8 +68,8 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig) -> Iterator
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device,
                kernel_backend: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
-    attention, RMSNorm, linear and (Llama) decoder layers the native kernels that `kernel_backend` picks (see
-    `models.native.pick_kernels`)."""
+    attention, RMSNorm, MLP activation, linear and (Llama) decoder layers the native kernels that `kernel_backend`
+    picks (see `models.native.pick_kernels`)."""
     path = Path(path)
     if path.suffix == ".gguf":
         reader = open_gguf(path)
@@ -101,6 +101,8 @@ def _use_kernels(model: nn.Module, kernels: NativeKernels) -> None:
             module.decode_kernel = kernels.paged_decode
         elif isinstance(module, RMSNorm):
             module.kernel = kernels.rms_norm
+        elif isinstance(module, GatedMLP):
+            module.act_kernel = kernels.silu_mul
         elif isinstance(module, Linear):
             module.weight = nn.Parameter(kernels.linear.pack(module.weight.detach()), requires_grad=False)
             module.kernel = kernels.linear

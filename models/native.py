@@ -1,13 +1,23 @@
 """Native CPU kernels (`kernels/*.c`), compiled at start for the model at hand with the machine's C
 compiler into one library and called through ctypes:
 
-- decode attention (`paged_decode.c`) reads keys and values in place from the block pool, where the
-  PyTorch path first copies each sequence's blocks out;
-- RMSNorm (`rms_norm.c`) in one pass, where PyTorch runs six operations;
+- attention (`paged_decode.c`) reads keys and values in place from the block pool, where the PyTorch path
+  first copies each sequence's blocks out; every token, a prompt's too, is a query over its own sequence's cache;
+- RMSNorm (`rms_norm.c`) in one pass, where PyTorch runs six operations; SiLU of a gate times its up projection
+  (`llama_layer.c`'s, for MLPs outside the Llama layer kernel);
 - linear layers (`linear.c`) over weights repacked at load into column panels: for decode-sized batches
   (up to a few hundred rows) faster than MKL's sgemm, by 1.3-1.8x at 4-8 rows;
-- a whole Llama decoder layer (`llama_layer.c`) for batches of one-token sequences, calling the others:
-  one call per layer where the layer's PyTorch steps dispatch ~14 operations.
+- a whole Llama decoder layer (`llama_layer.c`), calling the others: one call per layer where the layer's
+  PyTorch steps dispatch ~14 operations.
+
+They make a model's output batch-invariant: each token's hidden states and logits are the same bits whatever
+else runs in the step, however its prompt is cut into chunks, and whether its earlier keys and values were computed
+in this request or another (the prefix cache). Each kernel computes a row (a token) with arithmetic that depends on
+that row alone: the products accumulate every output over the inputs in one order whatever the number of rows (MKL's
+sgemm does not: its blocking, and so its rounding, changes with the number of rows), and attention cuts a context
+into parts at fixed places (see `paged_decode.c`). A Llama layer is one call of them; the other architectures'
+steps run in PyTorch between the kernels, with PyTorch operations that compute each element or row alike wherever
+it falls (layer norms, complex products, sums), and the native SiLU, as PyTorch's is not (see `SiluMulKernel`).
 
 Without a compiler the PyTorch path runs instead (slower, same results within float32 rounding). The
 kernels run on torch's own OpenMP threads: torch has loaded libgomp before the library is, so it binds
@@ -41,10 +51,12 @@ _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK = ["-shared", "-fopenmp"]
 # The kernels' return codes (enum in kernels.h): a fresh exception each time, so that tracebacks do not pile up
 # on one shared instance.
-_FAILURES = {1: (MemoryError, "paged decode attention: out of memory for the scores"),
-             2: (ValueError, "paged decode attention: a context length outside 1 .. the block table's capacity"),
-             3: (ValueError, "paged decode attention: a block id outside the KV cache"),
-             4: (ValueError, "decoder layer: a cache slot outside the KV cache")}
+_FAILURES = {1: (MemoryError, "paged attention: out of memory for its work space"),
+             2: (ValueError, "paged attention: a context length outside 1 .. the block table's capacity"),
+             3: (ValueError, "paged attention: a block id outside the KV cache"),
+             4: (ValueError, "decoder layer: a cache slot outside the KV cache"),
+             5: (ValueError, "paged attention: query starts that do not run from 0 up to the number of queries, or "
+                             "a sequence with more queries than its context length")}
 
 
 def _raise_for(status: int) -> None:
@@ -61,39 +73,46 @@ def _is_cache(cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:
 
 
 class PagedDecodeKernel:
-    """(q [seqs, heads, head_dim], cache, block_tables, context_lens, scale) -> [seqs, heads, head_dim]."""
+    """(q [queries, heads, head_dim], cache, block_tables [seqs, width], context_lens [seqs], scale, query_starts
+    [seqs + 1]) -> [queries, heads, head_dim]. Sequence s's queries are q[query_starts[s]:query_starts[s + 1]]: the
+    last sees its first context_lens[s] cached tokens, each one before it one token fewer (a prompt's chunk, its
+    keys and values already in the cache). Without query_starts, one query per sequence (decoding)."""
 
     def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self._run = library.paged_decode
         self._run.restype = ctypes.c_int
-        self._run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+        self._run.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
 
-    def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        self._check(q, cache, block_tables, context_lens)
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float, query_starts: torch.Tensor | None = None) -> torch.Tensor:
+        if query_starts is None:
+            query_starts = torch.arange(len(q) + 1)
+        self._check(q, cache, block_tables, context_lens, query_starts)
         q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+        query_starts = query_starts.contiguous()
         out = torch.empty_like(q)
-        status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-                           out.data_ptr(), q.shape[0], cache.shape[1], cache.shape[2], block_tables.shape[1],
-                           scale, torch.get_num_threads())
+        status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), query_starts.data_ptr(),
+                           context_lens.data_ptr(), out.data_ptr(), len(block_tables), len(q), cache.shape[1],
+                           cache.shape[2], block_tables.shape[1], scale, torch.get_num_threads())
         _raise_for(status)
         return out
 
-    def _check(self, q, cache, block_tables, context_lens) -> None:
+    def _check(self, q, cache, block_tables, context_lens, query_starts) -> None:
         """The kernel trusts the layout it was compiled for (a mismatch reads or writes out of bounds): check it.
-        Lengths and block ids are checked by the kernel itself."""
-        if not len(q) == len(block_tables) == len(context_lens):
+        Query starts, lengths and block ids are checked by the kernel itself."""
+        if not len(block_tables) == len(context_lens) == len(query_starts) - 1:
             raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
         if q.dtype != torch.float32 or not q.is_cpu or q.shape[1:] != (self.num_heads, self.head_dim) \
                 or not _is_cache(cache, self.num_kv_heads, self.head_dim) \
-                or (block_tables.dtype, context_lens.dtype) != (torch.int64, torch.int64) \
-                or not (block_tables.is_cpu and context_lens.is_cpu):
+                or (block_tables.dtype, context_lens.dtype, query_starts.dtype) != (torch.int64,) * 3 \
+                or not (block_tables.is_cpu and context_lens.is_cpu and query_starts.is_cpu):
             raise ValueError(f"the kernel runs float32 on the CPU, compiled for {self.num_heads} query heads and a "
                              f"contiguous cache of {self.num_kv_heads} KV heads of {self.head_dim}, with int64 block "
-                             f"tables and lengths; got q {tuple(q.shape)} {q.dtype}, cache {tuple(cache.shape)} "
-                             f"{cache.dtype} (contiguous: {cache.is_contiguous()}), {block_tables.dtype} block tables, "
-                             f"{context_lens.dtype} lengths")
+                             f"tables, lengths and query starts; got q {tuple(q.shape)} {q.dtype}, cache "
+                             f"{tuple(cache.shape)} {cache.dtype} (contiguous: {cache.is_contiguous()}), "
+                             f"{block_tables.dtype} block tables, {context_lens.dtype} lengths, {query_starts.dtype} "
+                             f"query starts")
 
 
 class RMSNormKernel:
@@ -118,12 +137,32 @@ class RMSNormKernel:
         return out
 
 
+class SiluMulKernel:
+    """gate_up [..., 2 * width], the gate's columns then the up projection's -> silu(gate) * up [..., width]. Each row
+    has the same bits whatever the other rows: F.silu's do not (it splits the elements between threads anywhere, and
+    its vectorized exp rounds differently from its scalar one, which ends each thread's share)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.silu_mul
+        self._run.restype = None
+        self._run.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if gate_up.dtype != torch.float32 or not gate_up.is_cpu or gate_up.shape[-1] % 2:
+            raise ValueError(f"the SiLU kernel runs float32 on the CPU over an even last dimension; got "
+                             f"{tuple(gate_up.shape)} {gate_up.dtype} on {gate_up.device}")
+        gate_up = gate_up.contiguous()
+        width = gate_up.shape[-1] // 2
+        out = torch.empty(*gate_up.shape[:-1], width)
+        self._run(gate_up.data_ptr(), out.data_ptr(), out.numel() // width if width else 0, width,
+                  torch.get_num_threads())
+        return out
+
+
 class LinearKernel:
     """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n], as F.linear, over a
-    weight that `pack` laid out in column panels at load. Beyond `max_rows` rows (a prefill chunk) MKL's
-    sgemm is faster: the weight is unpacked for it, a copy that costs a few percent of such a product."""
-
-    max_rows = 256
+    weight that `pack` laid out in column panels at load. Every row's outputs are the same bits whatever the
+    other rows: any number of rows runs here, never through MKL's sgemm, whose rounding depends on the number."""
 
     def __init__(self, library: ctypes.CDLL):
         self._run = library.linear
@@ -154,9 +193,9 @@ class LinearKernel:
             raise ValueError(f"the linear kernel runs float32 on the CPU over a contiguous weight packed for {n} "
                              f"outputs of {k} inputs; got x {tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} "
                              f"{packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
-        rows = x.numel() // k if k else 0
-        if rows > self.max_rows or k == 0:
+        if k == 0:  # no inputs: the bias (or zeros) for every row
             return F.linear(x, self.unpack(packed, n), bias)
+        rows = x.numel() // k
         x = x.contiguous()
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
         self._run(x.data_ptr(), rows, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
@@ -172,18 +211,17 @@ class _LayerWeights(ctypes.Structure):
 
 
 class LlamaLayerKernel:
-    """A whole Llama decoder layer for a batch of one-token sequences, in one call. `bind(layer)` gives the
-    layer its kernel: (x [seqs, hidden], rotation, cache, meta) -> the layer's output, as its forward computes it.
-    The layer's linear weights must already be packed for `LinearKernel`; the kernel keeps pointers to the
-    layer's tensors, so they must not be replaced afterwards. Batches of more than `max_seqs` (the linear
-    kernel's `max_rows`, past which MKL is faster) take the layer's own steps."""
+    """A whole Llama decoder layer for any step (prompt chunks and decode tokens together), in one call.
+    `bind(layer)` gives the layer its kernel: (x [tokens, hidden], rotation, cache, meta) -> the layer's output, as
+    its forward computes it. The layer's linear weights must already be packed for `LinearKernel`; the kernel keeps
+    pointers to the layer's tensors, so they must not be replaced afterwards."""
 
-    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int, max_seqs: int):
-        self.num_heads, self.num_kv_heads, self.head_dim, self.max_seqs = num_heads, num_kv_heads, head_dim, max_seqs
-        self._run = library.llama_decode_layer
+    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self._run = library.llama_layer_forward
         self._run.restype = ctypes.c_int
-        self._run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 \
-            + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self._run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] \
+            + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
         self._scratch = library.llama_layer_scratch
         self._scratch.restype = ctypes.c_int64
         self._scratch.argtypes = [ctypes.c_int64] * 3
@@ -211,45 +249,45 @@ class BoundLlamaLayer:
 
     def __init__(self, kernel: LlamaLayerKernel, weights: _LayerWeights, tensors: list, scale: float):
         self.kernel, self.weights, self.tensors, self.scale = kernel, weights, tensors, scale
-        self.max_seqs = kernel.max_seqs
 
     def __call__(self, x: torch.Tensor, rotation: torch.Tensor, cache: torch.Tensor, meta) -> torch.Tensor:
         rotation = torch.view_as_real(rotation)
         self._check(x, rotation, cache, meta)
-        kernel, (seqs, hidden) = self.kernel, x.shape
-        slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.decode_context_lens
-        threads = torch.get_num_threads()
-        scratch = torch.empty(kernel._scratch(seqs, hidden, self.weights.intermediate))
+        kernel, (tokens, hidden) = self.kernel, x.shape
+        slots, tables, starts, lens = meta.slot_mapping, meta.block_tables, meta.query_starts, meta.context_lens_tensor
+        scratch = torch.empty(kernel._scratch(tokens, hidden, self.weights.intermediate))
         out = torch.empty_like(x)
-        _raise_for(kernel._run(ctypes.byref(self.weights), x.data_ptr(), out.data_ptr(), seqs, rotation.data_ptr(),
-                               cache.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                               cache.shape[1], cache.shape[2], tables.shape[1], self.scale, scratch.data_ptr(),
-                               threads))
+        _raise_for(kernel._run(ctypes.byref(self.weights), x.data_ptr(), out.data_ptr(), tokens, rotation.data_ptr(),
+                               cache.data_ptr(), slots.data_ptr(), len(tables), starts.data_ptr(), tables.data_ptr(),
+                               lens.data_ptr(), cache.shape[1], cache.shape[2], tables.shape[1], self.scale,
+                               scratch.data_ptr(), torch.get_num_threads()))
         return out
 
     def _check(self, x, rotation, cache, meta) -> None:
         """The kernel trusts the layout it was compiled for (a mismatch reads or writes out of bounds): check it.
-        Slots are checked by the kernel, block ids and lengths by the attention kernel it calls."""
+        Slots are checked by the kernel, query starts, block ids and lengths by the attention kernel it calls."""
         kernel = self.kernel
-        seqs = len(x)
-        slots, tables, lens = meta.slot_mapping, meta.block_tables, meta.decode_context_lens
-        if x.dtype != torch.float32 or not x.is_cpu or x.shape != (seqs, self.weights.hidden) \
-                or not x.is_contiguous() or rotation.shape != (seqs, 1, kernel.head_dim // 2, 2) \
+        tokens, seqs = len(x), len(meta.query_lens)
+        slots, tables = meta.slot_mapping, meta.block_tables
+        if x.dtype != torch.float32 or not x.is_cpu or x.shape != (tokens, self.weights.hidden) \
+                or not x.is_contiguous() or rotation.shape != (tokens, 1, kernel.head_dim // 2, 2) \
                 or not rotation.is_contiguous() or not _is_cache(cache, kernel.num_kv_heads, kernel.head_dim) \
-                or meta.num_prefills != 0 or slots.shape != (seqs,) \
-                or lens.shape != (seqs,) or tables.dim() != 2 or len(tables) != seqs \
-                or (slots.dtype, tables.dtype, lens.dtype) != (torch.int64,) * 3 \
-                or not (slots.is_contiguous() and tables.is_contiguous() and lens.is_contiguous()):
-            raise ValueError(f"the decoder layer kernel takes one token per sequence, float32 on the CPU, "
-                             f"{self.weights.hidden} wide, a contiguous cache of {kernel.num_kv_heads} KV heads of "
-                             f"{kernel.head_dim}, and int64 slots, block tables and lengths for each; got x "
-                             f"{tuple(x.shape)} {x.dtype}, cache {tuple(cache.shape)}, {meta.num_prefills} prefills")
+                or len(meta.decode_context_lens) != seqs - meta.num_prefills or slots.shape != (tokens,) \
+                or tables.dim() != 2 or len(tables) != seqs or len(meta.context_lens) != seqs \
+                or (slots.dtype, tables.dtype) != (torch.int64,) * 2 \
+                or not (slots.is_contiguous() and tables.is_contiguous()):
+            raise ValueError(f"the decoder layer kernel takes metadata that agrees with itself and the batch, "
+                             f"float32 on the CPU, {self.weights.hidden} wide, a contiguous cache of "
+                             f"{kernel.num_kv_heads} KV heads of {kernel.head_dim}, and int64 slots and block tables; "
+                             f"got x {tuple(x.shape)} {x.dtype}, cache {tuple(cache.shape)}, {seqs} sequences, "
+                             f"{meta.num_prefills} prefills, {len(meta.decode_context_lens)} decode lengths")
 
 
 @dataclass
 class NativeKernels:
     paged_decode: PagedDecodeKernel
     rms_norm: RMSNormKernel
+    silu_mul: SiluMulKernel
     linear: LinearKernel
     llama_layer: LlamaLayerKernel
 
@@ -270,9 +308,9 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeK
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
     if added := _openmp_runtimes() - before:
         raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
-    linear = LinearKernel(loaded)
-    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded), linear,
-                         LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim, linear.max_rows))
+    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded),
+                         SiluMulKernel(loaded), LinearKernel(loaded),
+                         LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim))
 
 
 def _run_compiler(command: list[str]) -> None:
@@ -306,11 +344,11 @@ def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: tor
     try:
         start = time.perf_counter()
         kernels = compile_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        log.info("decode attention, RMSNorm, linear and decoder layers: native CPU kernels (compiled in %.1f s)",
+        log.info("attention, RMSNorm, SiLU, linear and decoder layers: native CPU kernels (compiled in %.1f s)",
                  time.perf_counter() - start)
         return kernels
     except (OSError, RuntimeError) as error:
         if backend == "native":
             raise
-        log.warning("decode attention, RMSNorm, linear and decoder layers run on the slower PyTorch path: %s", error)
+        log.warning("attention, RMSNorm, SiLU, linear and decoder layers run on the slower PyTorch path: %s", error)
         return None

@@ -2,7 +2,7 @@
    they share. */
 #include <stdint.h>
 
-enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT };
+enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT, BAD_QUERIES };
 
 /* The widest float vectors of the target, for GCC's vector extensions: VEC floats each. */
 #if defined(__AVX512F__)
@@ -20,6 +20,7 @@ void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n
             int num_threads);
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps,
               int num_threads);
-int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *context_lens,
-                 float *out, int64_t seqs, int64_t num_blocks, int64_t block_size, int64_t table_width,
-                 float scale, int num_threads);
+int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *query_starts,
+                 const int64_t *context_lens, float *out, int64_t seqs, int64_t queries, int64_t num_blocks,
+                 int64_t block_size, int64_t table_width, float scale, int num_threads);
+void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t width, int num_threads);

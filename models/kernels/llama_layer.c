@@ -1,8 +1,10 @@
-/* A whole Llama decoder layer for a batch of one-token sequences on the CPU, float32, in one call: the same
-   steps as `LlamaDecoderLayer.forward`, with the other kernels doing the heavy ones. Called from Python, a
-   one-token step ran ~14 operations per layer at a few microseconds of dispatch each, about a fifth of the
-   step of a small model; the whole layer is now one call (~11 us of Python for its checks). HEAD_DIM,
-   KV_HEADS and GROUP are -D flags, as for `paged_decode.c`. */
+/* A whole Llama decoder layer on the CPU, float32, in one call: the same steps as `LlamaDecoderLayer.forward`, with
+   the other kernels doing the heavy ones. It runs every step of the native backend, prefill and decode: each token
+   is one row of the products and one query of `paged_decode` over its own sequence's cache, and every step here
+   is a function of the token's row alone, so that a token's output does not depend on the batch around it. (From
+   Python a one-token step ran ~14 operations per layer at a few microseconds of dispatch each, about a fifth of
+   the step of a small model; the whole layer is one call, ~11 us of Python for its checks.) HEAD_DIM, KV_HEADS and
+   GROUP are -D flags, as for `paged_decode.c`. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -38,8 +40,10 @@ static void add(float *out, const float *x, const float *y, int64_t n, int num_t
     for (int64_t i = 0; i < n; i++) out[i] = x[i] + y[i];
 }
 
-/* gate_up: [rows, 2 * width], the gate's columns then the up projection's; act: [rows, width] = silu(gate) * up. */
-static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t width, int num_threads) {
+/* gate_up: [rows, 2 * width], the gate's columns then the up projection's; act: [rows, width] = silu(gate) * up.
+   Each row by one thread, start to end: its vectorized and scalar steps fall on the same columns whatever the rows
+   (PyTorch's silu splits the elements between threads anywhere, and its vector and scalar exp round differently). */
+void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t width, int num_threads) {
     #pragma omp parallel for num_threads(num_threads) if (rows * width >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < width; i++) {
@@ -48,44 +52,54 @@ static void silu_mul(const float *gate_up, float *act, int64_t rows, int64_t wid
         }
 }
 
-/* The scratch floats `llama_decode_layer` needs for `seqs` sequences. */
-int64_t llama_layer_scratch(int64_t seqs, int64_t hidden, int64_t intermediate) {
-    return seqs * (hidden + QKV_SIZE + 2 * Q_SIZE + 3 * intermediate);
+/* The scratch floats `llama_layer_forward` needs for `tokens` tokens. */
+int64_t llama_layer_scratch(int64_t tokens, int64_t hidden, int64_t intermediate) {
+    return tokens * (hidden + QKV_SIZE + 2 * Q_SIZE + 3 * intermediate);
 }
 
-/* x, out: [seqs, hidden]; rotation: [seqs, HEAD_DIM / 2, 2], the (cos, sin) of each sequence's position; cache,
-   block_tables and context_lens as for `paged_decode` (the lengths count the new token); slots: [seqs], the cache
-   slot of each new token. Returns OK, or the problem that stopped it: slots are checked before anything is
-   written, block tables and lengths by `paged_decode` (after the new keys and values are written). */
-int llama_decode_layer(const struct llama_layer *w, const float *x, float *out, int64_t seqs, const float *rotation,
-                       float *cache, const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens,
-                       int64_t num_blocks, int64_t block_size, int64_t table_width, float scale, float *scratch,
-                       int num_threads) {
-    const int64_t hidden = w->hidden, inter = w->intermediate, pool_slots = num_blocks * block_size;
-    for (int64_t s = 0; s < seqs; s++)
-        if (slots[s] < 0 || slots[s] >= pool_slots) return BAD_SLOT;
-    float *normed = scratch, *qkv = normed + seqs * hidden, *q = qkv + seqs * QKV_SIZE, *attn = q + seqs * Q_SIZE;
-    float *gate_up = attn + seqs * Q_SIZE, *act = gate_up + seqs * 2 * inter;
-
-    rms_norm(x, w->input_norm, normed, seqs, hidden, w->eps, num_threads);
-    linear(normed, seqs, hidden, w->qkv, QKV_SIZE, w->qkv_bias, qkv, num_threads);
-    for (int64_t s = 0; s < seqs; s++) {  /* rotate q and k; q to its own rows, k and v into the cache */
-        float *row = qkv + s * QKV_SIZE;
-        rotate(row, rotation + s * HEAD_DIM, HEADS + KV_HEADS);
-        memcpy(q + s * Q_SIZE, row, sizeof(float) * Q_SIZE);
-        memcpy(cache + slots[s] * KV_SIZE, row + Q_SIZE, sizeof(float) * KV_SIZE);
-        memcpy(cache + (pool_slots + slots[s]) * KV_SIZE, row + Q_SIZE + KV_SIZE, sizeof(float) * KV_SIZE);
+/* Rotate each token's q and k; q to its own rows, k and v into the cache at the token's slot. */
+static void rotate_and_cache(float *qkv, const float *rotation, const int64_t *slots, float *q, float *cache,
+                             int64_t pool_slots, int64_t tokens, int num_threads) {
+    #pragma omp parallel for num_threads(num_threads) if (tokens * QKV_SIZE >= PARALLEL_ELEMENTS)
+    for (int64_t t = 0; t < tokens; t++) {
+        float *row = qkv + t * QKV_SIZE;
+        rotate(row, rotation + t * HEAD_DIM, HEADS + KV_HEADS);
+        memcpy(q + t * Q_SIZE, row, sizeof(float) * Q_SIZE);
+        memcpy(cache + slots[t] * KV_SIZE, row + Q_SIZE, sizeof(float) * KV_SIZE);
+        memcpy(cache + (pool_slots + slots[t]) * KV_SIZE, row + Q_SIZE + KV_SIZE, sizeof(float) * KV_SIZE);
     }
-    const int status = paged_decode(q, cache, block_tables, context_lens, attn, seqs, num_blocks, block_size,
-                                    table_width, scale, num_threads);
-    if (status != OK) return status;
-    linear(attn, seqs, Q_SIZE, w->o, hidden, w->o_bias, normed, num_threads);
-    add(out, x, normed, seqs * hidden, num_threads);
+}
 
-    rms_norm(out, w->post_norm, normed, seqs, hidden, w->eps, num_threads);
-    linear(normed, seqs, hidden, w->gate_up, 2 * inter, w->gate_up_bias, gate_up, num_threads);
-    silu_mul(gate_up, act, seqs, inter, num_threads);
-    linear(act, seqs, inter, w->down, hidden, w->down_bias, normed, num_threads);
-    add(out, out, normed, seqs * hidden, num_threads);
+/* x, out: [tokens, hidden]; rotation: [tokens, HEAD_DIM / 2, 2], the (cos, sin) of each token's position; slots:
+   [tokens], the cache slot of each token; cache, block_tables [seqs, table_width], query_starts [seqs + 1] and
+   context_lens [seqs] as for `paged_decode`: sequence s's tokens are rows query_starts[s] .. query_starts[s + 1] of
+   x, and the lengths count them. Returns OK, or the problem that stopped it: slots are checked before anything is
+   written, the rest by `paged_decode` (after the new keys and values are written, all of them before any query
+   reads the cache). */
+int llama_layer_forward(const struct llama_layer *w, const float *x, float *out, int64_t tokens,
+                        const float *rotation, float *cache, const int64_t *slots, int64_t seqs,
+                        const int64_t *query_starts, const int64_t *block_tables, const int64_t *context_lens,
+                        int64_t num_blocks, int64_t block_size, int64_t table_width, float scale, float *scratch,
+                        int num_threads) {
+    const int64_t hidden = w->hidden, inter = w->intermediate, pool_slots = num_blocks * block_size;
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= pool_slots) return BAD_SLOT;
+    float *normed = scratch, *qkv = normed + tokens * hidden, *q = qkv + tokens * QKV_SIZE, *attn = q + tokens * Q_SIZE;
+    float *gate_up = attn + tokens * Q_SIZE, *act = gate_up + tokens * 2 * inter;
+
+    rms_norm(x, w->input_norm, normed, tokens, hidden, w->eps, num_threads);
+    linear(normed, tokens, hidden, w->qkv, QKV_SIZE, w->qkv_bias, qkv, num_threads);
+    rotate_and_cache(qkv, rotation, slots, q, cache, pool_slots, tokens, num_threads);
+    const int status = paged_decode(q, cache, block_tables, query_starts, context_lens, attn, seqs, tokens, num_blocks,
+                                    block_size, table_width, scale, num_threads);
+    if (status != OK) return status;
+    linear(attn, tokens, Q_SIZE, w->o, hidden, w->o_bias, normed, num_threads);
+    add(out, x, normed, tokens * hidden, num_threads);
+
+    rms_norm(out, w->post_norm, normed, tokens, hidden, w->eps, num_threads);
+    linear(normed, tokens, hidden, w->gate_up, 2 * inter, w->gate_up_bias, gate_up, num_threads);
+    silu_mul(gate_up, act, tokens, inter, num_threads);
+    linear(act, tokens, inter, w->down, hidden, w->down_bias, normed, num_threads);
+    add(out, out, normed, tokens * hidden, num_threads);
     return OK;
 }
