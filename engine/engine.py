@@ -249,10 +249,9 @@ class LLMEngine:
 
     @staticmethod
     def _completion(index: int, seq: Sequence) -> CompletionOutput:
-        scored = seq.params.logprobs is not None or seq.params.num_candidates > seq.params.n
         return CompletionOutput(index, seq.detokenizer.visible_text(seq.finished), seq.output_token_ids,
                                 seq.finish_reason, seq.stop_reason, None if seq.logprobs is None else list(seq.logprobs),
-                                seq.cumulative_logprob if scored else None)
+                                seq.cumulative_logprob if seq.params.scored else None)
 
 
 def _score_prompt(scored: ScoredPrompt) -> None:

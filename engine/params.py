@@ -142,6 +142,11 @@ class SamplingParams:
         return self.best_of or self.n
 
     @property
+    def scored(self) -> bool:
+        """Whether the output tokens' logprobs are computed: to return them, or to rank best_of candidates."""
+        return self.logprobs is not None or self.num_candidates > self.n
+
+    @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 

@@ -17,11 +17,6 @@ class SamplingRequest(ControlledRow):
     row: int = 0  # of the step's logits: several choices of one prompt sample from its row
     generator: torch.Generator | None = None  # the request's own, when it has a seed
 
-    @property
-    def wants_logprobs(self) -> bool:
-        """Its logprobs are returned, or summed to rank best_of candidates."""
-        return self.params.logprobs is not None or self.params.num_candidates > self.params.n
-
 
 @dataclass
 class Sampled:
@@ -38,7 +33,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> Sampled:
         """The logits are the sampler's to change: nothing reads them after it."""
         logits = _rows(logits, [request.row for request in requests])  # a decode step's rows as they are
-        scored = [i for i, r in enumerate(requests) if r.wants_logprobs]
+        scored = [i for i, r in enumerate(requests) if r.params.scored]
         raw_logprobs = _rows(logits, scored).log_softmax(dim=-1) if scored else None  # before the controls
         if any(not r.controls.empty or r.params.penalized for r in requests):
             logits = apply_controls(logits, requests)
