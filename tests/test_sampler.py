@@ -98,3 +98,4 @@ def test_invalid_controls_name_their_parameter(kwargs):
 
 def test_stop_string_is_normalized_to_a_list():
     assert SamplingParams(stop="x").stop == ["x"] and math.isclose(SamplingParams().top_p, 1.0)
+    assert SamplingParams(bad_words="no way").bad_words == ["no way"]
