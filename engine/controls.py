@@ -64,7 +64,7 @@ def apply_controls(logits: torch.Tensor, rows: list[ControlledRow]) -> torch.Ten
     _bar(logits, [(i, t) for i, row in enumerate(rows) for t in _barred_bad_word_ends(row)])
     for i, row in enumerate(rows):
         banned = row.controls.min_tokens_banned
-        if banned is not None and len(row.output_ids) < row.params.min_tokens:
+        if banned is not None and len(row.token_ids) - row.num_prompt_tokens < row.params.min_tokens:
             logits[i, banned] = float("-inf")
     _add_bias(logits, rows)
     _penalize(logits, rows)
