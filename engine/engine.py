@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockPool
 from engine.controls import TokenControls
+from engine.grammar import GrammarError, Grammars, advance
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from engine.params import SamplingParams, is_whole
 from engine.runner import ModelRunner, ScoredPrompt
@@ -63,6 +64,7 @@ class LLMEngine:
                                                    config.enable_chunked_prefill, config.enable_prefix_caching),
                                    self.pool)
         self.sampler = Sampler(self.runner.device, config.seed)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}  # each request's choices, in index order
         self._lock = threading.RLock()
 
@@ -91,7 +93,7 @@ class LLMEngine:
                                        self.runner.device)
         choices = [Sequence(request_id, text, ids, params, max_tokens,
                             IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens),
-                            self._generator(params.seed, index), controls, index, cache_salt,
+                            self._generator(params.seed, index), controls, index, self._grammar(params), cache_salt,
                             logprobs=None if params.logprobs is None else [])
                    for index in range(params.num_candidates)]
         if params.prompt_logprobs is not None:  # the prompt is the request's: its first choice scores it
@@ -109,6 +111,9 @@ class LLMEngine:
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed((seed + index + 2**63) % 2**64 - 2**63)
         return generator
+
+    def _grammar(self, params: SamplingParams):
+        return None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A prompt's token ids, once `check_prompt_chars` lets it through."""
@@ -156,6 +161,11 @@ class LLMEngine:
             name = "n" if params.best_of is None else "best_of"
             raise RequestRefused(f"{name} is {params.num_candidates}: more sequences than the "
                                  f"{self.config.max_num_seqs} a batch runs at once (max_num_seqs)", name)
+        if params.structured_outputs is not None:
+            try:  # compiled here, on the caller's thread; cached for add_request
+                self.grammars.compile(params.structured_outputs)
+            except GrammarError as exc:
+                raise RequestRefused(str(exc), "structured_outputs") from exc
         return self._max_tokens_in_context() - len(ids) if params.max_tokens is None else params.max_tokens
 
     def warm_up(self) -> None:
@@ -194,7 +204,8 @@ class LLMEngine:
 
     @staticmethod
     def _sampling_request(row: int, seq: Sequence) -> SamplingRequest:
-        return SamplingRequest(seq.params, seq.controls, seq.token_ids, len(seq.prompt_token_ids), row, seq.generator)
+        return SamplingRequest(seq.params, seq.controls, seq.token_ids, len(seq.prompt_token_ids), row, seq.generator,
+                               seq.grammar)
 
     def _update(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         """Append the sampled token; a request whose update fails ends with finish_reason "error", alone."""
@@ -221,6 +232,8 @@ class LLMEngine:
         seq.detokenizer.add_token(token, match_stop=produced >= params.min_tokens)
         if seq.detokenizer.stop_string is not None:
             return self._finish(seq, "stop", seq.detokenizer.stop_string)
+        if seq.grammar is not None and advance(seq.grammar, token):  # the output is complete: nothing may follow
+            return self._finish(seq, "stop")
         if produced >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 

@@ -1,4 +1,5 @@
 """Sampling parameters, named as vLLM names them, validated when built."""
+import json
 import math
 import operator
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ BIAS_RANGE = (-100.0, 100.0)  # a logit_bias value, as OpenAI bounds it
 MAX_BIASED_TOKENS = 1024  # entries in logit_bias
 MAX_ALLOWED_TOKEN_IDS = 1 << 20  # ids in allowed_token_ids (a vocabulary's worth at most)
 MAX_BAD_WORDS = 1024  # strings in bad_words
+MAX_GRAMMAR_CHARS = 1 << 20  # characters in a schema, regex or grammar (a JSON schema as written)
+MAX_CHOICES = 1024  # strings in a structured-output choice
 
 
 class ParamError(ValueError):
@@ -32,6 +35,53 @@ def is_whole(value) -> bool:
     except TypeError:
         return False
     return not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the output must match, as vLLM's `structured_outputs` names it: exactly one of a JSON schema, any JSON
+    object, a regular expression, one of some strings, or a grammar (Lark, or GBNF)."""
+    json: dict | str | None = None  # a JSON schema, as an object or its text
+    json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ParamError("structured_outputs", "structured_outputs takes exactly one of json, json_object, regex, "
+                                                   f"choice and grammar; got {', '.join(given) or 'none'}")
+        if not isinstance(self.json, (dict, str, type(None))) or not isinstance(self.json_object, bool):
+            raise ParamError("structured_outputs", "json must be a JSON schema (an object, or its text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ParamError("structured_outputs", f"{name} must be a non-empty string")
+        if self.choice is not None and not (0 < len(self.choice) <= MAX_CHOICES and
+                                            all(isinstance(c, str) and c for c in self.choice)):
+            raise ParamError("structured_outputs", f"choice must hold 1 to {MAX_CHOICES} non-empty strings")
+        if len(self.key[1]) > MAX_GRAMMAR_CHARS:
+            raise ParamError("structured_outputs", f"{given[0]} has more than {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What compiles to the same grammar: the kind, and the spec as one text (a schema as canonical JSON)."""
+        if self.json is not None:
+            return "json", self.json if isinstance(self.json, str) else _canonical_json(self.json)
+        if self.choice is not None:
+            return "choice", _canonical_json(self.choice)
+        if self.json_object:
+            return "json_object", ""
+        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
+
+
+def _canonical_json(value) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ParamError("structured_outputs", f"the schema is not JSON: {exc}") from exc
 
 
 @dataclass
@@ -57,6 +107,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words: list[str] | None = None  # never generated (their last token is barred after the rest of them)
+    structured_outputs: StructuredOutputs | None = None  # the output is constrained token by token to match it
     # Built once here, not on the engine thread: the stop strings' match tables and the stop ids as a set.
     stop_patterns: tuple[StopPattern, ...] = field(init=False, repr=False, compare=False)
     stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
@@ -137,6 +188,8 @@ class SamplingParams:
         yield "bad_words", len(words) <= MAX_BAD_WORDS, f"at most {MAX_BAD_WORDS} bad_words"
         yield "bad_words", all(isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_CHARS for w in words), \
             f"bad_words must be non-blank strings of at most {MAX_STOP_CHARS} characters"
+        yield "structured_outputs", isinstance(self.structured_outputs, (StructuredOutputs, type(None))), \
+            "structured_outputs must be a StructuredOutputs"
 
     @property
     def num_candidates(self) -> int:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.controls import ControlledRow, apply_controls
+from engine.grammar import Masker
 from engine.outputs import TokenLogprobs
 from engine.params import SamplingParams
 
@@ -16,6 +17,7 @@ class SamplingRequest(ControlledRow):
     """What the sampler needs to know of one sequence this step."""
     row: int = 0  # of the step's logits: several choices of one prompt sample from its row
     generator: torch.Generator | None = None  # the request's own, when it has a seed
+    grammar: object | None = None  # the sequence's llguidance matcher, when its output is constrained
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.mask = Masker()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> Sampled:
@@ -35,6 +38,8 @@ class Sampler:
         logits = _rows(logits, [request.row for request in requests])  # a decode step's rows as they are
         scored = [i for i, r in enumerate(requests) if r.params.scored]
         raw_logprobs = _rows(logits, scored).log_softmax(dim=-1) if scored else None  # before the controls
+        if constrained := [i for i, r in enumerate(requests) if r.grammar is not None]:
+            self.mask(logits, constrained, [requests[i].grammar for i in constrained])
         if any(not r.controls.empty or r.params.penalized for r in requests):
             logits = apply_controls(logits, requests)
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)

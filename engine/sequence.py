@@ -28,6 +28,7 @@ class Sequence:
     generator: torch.Generator | None = None  # set when the request has its own seed
     controls: TokenControls | None = None  # allowed tokens, bad words, biases, min_tokens' bans; shared by choices
     index: int = 0  # which of the request's n choices
+    grammar: object | None = None  # its own llguidance matcher, when the output is constrained (engine/grammar.py)
     cache_salt: str | None = None  # prefix-cache blocks are shared only among sequences of the same salt
     forks: list["Sequence"] = field(default_factory=list)  # the other choices, forked once the prompt is computed
     token_ids: list[int] = field(default_factory=list)  # prompt then output

@@ -1,0 +1,101 @@
+"""Structured outputs: each constrained sequence holds an llguidance matcher, which says after each token which
+tokens may come next. Specs compile once into a matcher (cached by spec); each sequence runs a copy of it."""
+import json
+import threading
+from collections import OrderedDict
+
+import llguidance
+import torch
+from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.torch import fill_next_token_bitmask_par
+
+from engine.params import StructuredOutputs
+from models.tokenizer import Tokenizer
+
+CACHED_GRAMMARS = 256  # compiled specs kept, least recently used dropped first
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class GrammarError(ValueError):
+    """A spec the library cannot compile: the client's fault."""
+
+
+class Grammars:
+    """Compiles specs into matchers for one vocabulary. Thread-safe: the server compiles on its worker threads, so
+    that the engine thread finds each spec compiled."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer, self._vocab_size = tokenizer, vocab_size
+        self._lock = threading.Lock()
+        self._llg_tokenizer: llguidance.LLTokenizer | None = None  # built on first use: it takes a quarter second
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+
+    def compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
+        """The spec's matcher in its start state (the cache's own: copy it to run it); GrammarError if it is not one
+        the library can compile."""
+        with self._lock:
+            if (matcher := self._compiled.get(spec.key)) is not None:
+                self._compiled.move_to_end(spec.key)
+                return matcher
+        # Outside the lock: a large schema compiles for tens of milliseconds, and other specs need not wait.
+        matcher = llguidance.LLMatcher(self._vocabulary(), _grammar(spec), log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the {spec.key[0]} cannot be compiled: {matcher.get_error()}")
+        with self._lock:
+            self._compiled[spec.key] = matcher
+            if len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
+        """A new sequence's own matcher."""
+        return self.compile(spec).deep_copy()
+
+    def _vocabulary(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._llg_tokenizer is None:
+                tok = self._tokenizer
+                # n_vocab: the model's logits may have more rows than the tokenizer has tokens; those are never allowed.
+                self._llg_tokenizer = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=self._vocab_size,
+                                                             eos_token=list(tok.eos_token_ids))
+            return self._llg_tokenizer
+
+
+def _grammar(spec: StructuredOutputs) -> str:
+    """The spec as an llguidance grammar."""
+    try:
+        if spec.json is not None:
+            return llguidance.LLMatcher.grammar_from_json_schema(spec.json)
+        if spec.json_object:
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+        if spec.regex is not None:
+            return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+        if spec.choice is not None:  # Lark string literals take JSON's escapes
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(spec.grammar))
+    except (ValueError, TypeError) as exc:  # a schema that is not JSON, a GBNF grammar the converter refuses
+        raise GrammarError(f"the {spec.key[0]} cannot be compiled: {exc}") from exc
+
+
+class Masker:
+    """Masks a step's logits to what each constrained row's grammar allows, the rows' masks computed in parallel
+    by the library's threads."""
+
+    def __init__(self):
+        self._executor = llguidance.LLExecutor()
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], matchers: list[llguidance.LLMatcher]) -> None:
+        vocab = logits.shape[1]
+        bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+        fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        allowed = ((bitmask[:, :, None] >> _BITS) & 1).view(len(rows), -1)[:, :vocab].bool()
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
+    """Feed the sampled token to the sequence's matcher; whether the grammar is complete and allows nothing more."""
+    if not matcher.consume_token(token):
+        raise GrammarError(f"token {token} does not continue the grammar: {matcher.get_error()}")
+    return matcher.is_stopped()
