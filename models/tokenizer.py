@@ -24,7 +24,9 @@ class Tokenizer:
     backend: Backend
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]  # every id that ends generation: the tokenizer's EOS and the model's
-    chat_template: str | None
+    chat_template: str | None  # the default one
+    # Every template by name where the model has named ones (Command-R: default, tool_use, rag); else empty
+    chat_templates: dict[str, str] = field(default_factory=dict)
 
     max_chars_per_token: int | None = field(init=False)  # the most text one token stands for; None: unknown
     _markups: dict[str, "Markup"] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -244,10 +246,28 @@ def _from_folder(folder: Path) -> Tokenizer:
     if gen_file.exists():
         gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
         eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates (Command-R: default, tool_use, rag): take the default
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)), template)
+    templates = _folder_chat_templates(folder, cfg.get("chat_template"))
+    return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+                     templates.get("default"), _named(templates))
+
+
+def _folder_chat_templates(folder: Path, configured: str | list | None) -> dict[str, str]:
+    """The folder's chat templates by name, as transformers reads them: the files `chat_template.jinja` (the default)
+    and `additional_chat_templates/<name>.jinja` if there are any, else tokenizer_config.json's `chat_template`, one
+    template (the default) or a list of named ones."""
+    named_files = sorted((folder / "additional_chat_templates").glob("*.jinja"))
+    files = {"default": folder / "chat_template.jinja", **{path.stem: path for path in named_files}}
+    found = {name: path.read_text() for name, path in files.items() if path.is_file()}
+    if found:
+        return found
+    if isinstance(configured, list):
+        return {t["name"]: t["template"] for t in configured}
+    return {"default": configured} if configured else {}
+
+
+def _named(templates: dict[str, str]) -> dict[str, str]:
+    """`Tokenizer.chat_templates`: all of them where there are named ones besides the default, else none."""
+    return templates if set(templates) - {"default"} else {}
 
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -312,5 +332,14 @@ def _from_gguf(file: Path) -> Tokenizer:
     if meta("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
         backend.post_processor = _bos_post_processor(tokens[bos_id], bos_id)
     eos_ids = [eos_id, meta("tokenizer.ggml.eot_token_id"), meta("tokenizer.ggml.eom_token_id")]
+    templates = _gguf_chat_templates(reader.fields, meta)
     return Tokenizer(backend, bos_id, tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
-                     meta("tokenizer.chat_template"))
+                     templates.get("default"), _named(templates))
+
+
+def _gguf_chat_templates(keys, meta) -> dict[str, str]:
+    """llama.cpp's keys: `tokenizer.chat_template` the default, `tokenizer.chat_template.<name>` the named ones."""
+    prefix = "tokenizer.chat_template."
+    templates = {key.removeprefix(prefix): meta(key) for key in keys if key.startswith(prefix)}
+    default = meta("tokenizer.chat_template")
+    return templates if default is None else {"default": default, **templates}

@@ -1,21 +1,26 @@
 """Chat templates: which one a model uses, and rendering it as Hugging Face's renderer does."""
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
 from jinja2 import TemplateError, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from models.tokenizer import alternation
 
 BUILTIN_DIR = Path(str(files("chat_templates")))
-# The built-in template for a model that brings none of its own.
-BY_ARCHITECTURE = {"LlamaForCausalLM": "llama-2-chat", "CohereForCausalLM": "command-r"}
+# The built-in templates for a model that brings none of its own, by name as checkpoints name theirs: a default, and
+# for Cohere the tool-use and RAG templates its checkpoints ship besides.
+BY_ARCHITECTURE = {"LlamaForCausalLM": {"default": "llama-2-chat"},
+                   "CohereForCausalLM": {"default": "command-r", "tool_use": "command-r-tool_use",
+                                         "rag": "command-r-rag"}}
 # Characters of Unicode's private use area mean nothing to any vocabulary; one the template lacks marks placeholders.
 PRIVATE_USE = range(0xE000, 0xF900)
 
@@ -42,12 +47,44 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+class _TemplateDict:
+    """`dict` for templates, as the reference renderer has it: it builds dicts, but is not the type itself, whose
+    unbound methods (`dict.update(d, ...)`) would change values the immutable sandbox guards."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(Namespace):
+    """`namespace()` refusing attribute names that start with an underscore, as the reference renderer's does: they
+    lead towards Python's internals."""
+
+    def __init__(*args, **kwargs):  # no named `self`, as Namespace's own: `namespace(self=...)` stays an attribute
+        self, attributes = args[0], dict(*args[1:], **kwargs)
+        for name in attributes:
+            _check_attribute(name)
+        Namespace.__init__(self, attributes)
+
+    def __setitem__(self, name, value):
+        _check_attribute(name)
+        Namespace.__setitem__(self, name, value)
+
+
+def _check_attribute(name) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise SecurityError(f"a namespace attribute may not start with an underscore: {name!r}")
+
+
 @lru_cache
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
     return env
 
 
@@ -65,22 +102,45 @@ def load_template(source: str) -> str:
     raise ChatTemplateError(f"chat template {source!r} is neither a file nor a built-in ({', '.join(builtin_names())})")
 
 
-def choose_template(override: str | None, model_template: str | None, architecture: str) -> str | None:
-    """The flag wins, then the model's own template, then the built-in one for its architecture."""
+@dataclass(frozen=True)
+class ChatTemplates:
+    """A model's chat templates: the default, and the named ones when it has several (Command-R's `default`,
+    `tool_use` and `rag`), `default` among them where it has one."""
+    default: str | None
+    named: dict[str, str] = field(default_factory=dict)
+
+    def pick(self, has_tools: bool, has_documents: bool) -> str | None:
+        """The template for a request. `tool_use` for one with tools, whatever else it has, as Hugging Face's
+        get_chat_template picks (it counts tools that are not None, an empty list too); `rag` for one with documents
+        and no tools, which Hugging Face leaves to the caller to name; else, and where the model lacks the name, the
+        default."""
+        name = "tool_use" if has_tools else "rag" if has_documents else None
+        return self.named.get(name, self.default)
+
+
+def choose_template(override: str | None, model_template: str | None, architecture: str,
+                    model_templates: dict[str, str] | None = None) -> ChatTemplates:
+    """The flag wins (one template for every request), then the model's own templates (`model_templates`: its named
+    ones, if any), then the built-in ones for its architecture."""
     if override:
-        return load_template(override)
-    if model_template:
-        return model_template
-    return load_template(BY_ARCHITECTURE[architecture]) if architecture in BY_ARCHITECTURE else None
+        return ChatTemplates(load_template(override))
+    if model_template or model_templates:
+        return ChatTemplates(model_template, dict(model_templates or {}))
+    builtin = {name: load_template(source) for name, source in BY_ARCHITECTURE.get(architecture, {}).items()}
+    return ChatTemplates(builtin.get("default"), builtin if len(builtin) > 1 else {})
 
 
-RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # set by the server, not by kwargs
+# Set by the server, not by chat_template_kwargs: tools and documents come from the request's own fields.
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents")
 
 
 def render(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str = "",
-           eos_token: str = "", extra: dict | None = None) -> str:
-    """Render a conversation, with `extra` variables for the template (a request's chat_template_kwargs).
-    Keys whose value is None are dropped, as transformers does."""
+           eos_token: str = "", extra: dict | None = None, tools: list[dict] | None = None,
+           documents: list[dict] | None = None) -> str:
+    """Render a conversation, with `extra` variables for the template (a request's chat_template_kwargs). Messages'
+    keys whose value is None are dropped, as transformers does. `tools` (OpenAI's tool objects) and `documents` are
+    the template's variables of those names, None when the request has none: transformers passes them so too, and
+    a template may test `tools is defined`."""
     extra = extra or {}
     if template is None:
         raise ChatTemplateError("this model has no chat template; start the server with --chat-template")
@@ -88,7 +148,7 @@ def render(template: str | None, messages: list[dict], add_generation_prompt: bo
         raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     variables = {**extra, "messages": messages, "add_generation_prompt": add_generation_prompt,
-                 "bos_token": bos_token, "eos_token": eos_token}
+                 "bos_token": bos_token, "eos_token": eos_token, "tools": tools, "documents": documents}
     try:  # one dict, not keywords: a variable named `self` would clash with render's own argument
         return _environment().from_string(template).render(variables)
     except Exception as exc:  # noqa: BLE001 - Jinja's errors, undefined names, sandbox violations, and the

@@ -37,7 +37,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         request_body_timeout=args.request_body_timeout, engine_stall_timeout=args.engine_stall_timeout,
         special_tokens_in_messages=args.allow_special_tokens_in_messages, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
-        allow_credentials=args.allow_credentials)
+        allow_credentials=args.allow_credentials, tool_call_parser=args.tool_call_parser)
     return engine, server
 
 
@@ -53,9 +53,9 @@ def main(argv=None) -> None:
     def load() -> Served:
         engine = LLMEngine(engine_config)
         engine.warm_up()
-        template = choose_template(config.chat_template, engine.tokenizer.chat_template,
-                                   engine.model_config.architecture)
-        served = Served(AsyncLLMEngine(engine), config, template, metrics)
+        templates = choose_template(config.chat_template, engine.tokenizer.chat_template,
+                                    engine.model_config.architecture, engine.tokenizer.chat_templates)
+        served = Served(AsyncLLMEngine(engine), config, templates, metrics)
         metrics.watch(engine, lambda: served.queued)
         return served
 

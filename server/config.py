@@ -29,6 +29,7 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False  # True: browsers may send cookies and HTTP authentication along
+    tool_call_parser: str | None = None  # the model's tool-call format (server/tool_parsers.py); None: by its template
 
     def __post_init__(self):
         checks = [(self.max_queued_requests >= 1, "max_queued_requests must be at least 1"),

@@ -10,6 +10,7 @@ from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from server.errors import ApiError, envelope
 from server.logprobs import TextOffsets, chat_logprobs, legacy_logprobs, vllm_prompt_logprobs
 from server.protocol import new_id, now
+from server.tools import StreamedCalls, ToolUse, assistant_message, finish_reason
 
 if TYPE_CHECKING:
     from server.serving import Served
@@ -30,6 +31,7 @@ class Shown:
     logprobs: int | None = None  # the most likely tokens beside each token's log-probability; None: none at all
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: so many most likely tokens per prompt token
     echo: list[str] | None = None  # completions with echo: each prompt's text, which its choices begin with
+    tools: ToolUse | None = None  # chat with tools: each choice's calls are read out of its text
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _Sent:
     echoed: bool = False  # with echo: its prompt went out
     ended: bool = False
     offsets: TextOffsets = field(default_factory=TextOffsets)  # where its next token's text begins
+    calls: StreamedCalls | None = None  # with tools: its text as content and call deltas
 
 
 class Exchange:
@@ -58,7 +61,7 @@ class Exchange:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.served.model_name}
 
     def response(self, outputs: list[RequestOutput]) -> dict:
-        choices = [{"index": self._index(prompt_index, c), **self._choice(prompt_index, out, c), **_reasons(c)}
+        choices = [{"index": self._index(prompt_index, c), **self._choice(prompt_index, out, c)}
                    for prompt_index, out in enumerate(outputs) for c in out.outputs]
         body = {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(outputs)}
@@ -70,12 +73,14 @@ class Exchange:
         """A finished choice's text (chat: its message) and log-probabilities; with echo, the prompt's first."""
         ids, entries = c.token_ids, _entries(c, 0)
         if self.chat:
-            return {"message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(ids, entries)}
+            message = assistant_message(c.text, self.shown.tools)
+            return {"message": message, "logprobs": self._logprobs(ids, entries),
+                    **_reasons(c, called="tool_calls" in message)}
         text = c.text
         if self.shown.echo is not None:
             echoed, prompt_ids, prompt_entries = self._echo(prompt_index, out)
             text, ids, entries = echoed + text, prompt_ids + ids, prompt_entries + entries
-        choice = {"text": text, "logprobs": self._logprobs(ids, entries)}
+        choice = {"text": text, "logprobs": self._logprobs(ids, entries), **_reasons(c)}
         if self.shown.prompt_logprobs is not None:  # where vLLM puts a completion's: in each choice
             choice["prompt_logprobs"] = self._prompt_logprobs(out)
         return choice
@@ -101,13 +106,15 @@ class Exchange:
         return vllm_prompt_logprobs(self.served.tokenizer, out.prompt_logprobs or [], self.shown.prompt_logprobs)
 
     def chunk(self, index: int, text: str | None, final: CompletionOutput | None = None, role: bool = False,
-              include_usage: bool = False, logprobs: dict | None = None) -> str:
-        """One choice's delta, with the log-probabilities of its tokens; `final` (its finished output) adds the
-        finish and stop reasons. With include_usage every chunk but the last carries `"usage": null`, as OpenAI
-        sends them."""
-        finish = {"finish_reason": None} if final is None else _reasons(final)
+              include_usage: bool = False, logprobs: dict | None = None, calls: list[dict] | None = None,
+              called: bool = False) -> str:
+        """One choice's delta (chat: its content and tool-call deltas), with the log-probabilities of its tokens;
+        `final` (its finished output) adds the finish and stop reasons, `called` saying whether it made calls.
+        With include_usage every chunk but the last carries `"usage": null`, as OpenAI sends them."""
+        finish = {"finish_reason": None} if final is None else _reasons(final, called)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            delta.update({"tool_calls": calls} if calls else {})
             choice = {"index": index, "delta": delta, "logprobs": logprobs, **finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, **finish}
@@ -124,7 +131,9 @@ class Exchange:
         """SSE events: deltas of text that is safe to show, the choices of `count` prompts interleaved, a
         finish_reason per choice, usage, [DONE]; a `: ping` comment whenever the engine was silent for a while
         (queued, or a long prefill)."""
-        sent, finals = [_Sent() for _ in range(count * self.n)], [None] * count
+        tools = self.shown.tools
+        sent = [_Sent(calls=tools and StreamedCalls(tools)) for _ in range(count * self.n)]
+        finals = [None] * count
         chunk = functools.partial(self.chunk, include_usage=include_usage)
         try:
             if self.chat:
@@ -162,13 +171,16 @@ class Exchange:
                 progress.echoed = True
                 echoed, ids, entries = self._echo(prompt_index, out)
                 yield chunk(index, echoed, logprobs=self._logprobs(ids, entries, progress.offsets))
-            delta = c.text[len(progress.text):]
+            delta, calls = c.text[len(progress.text):], None
             progress.text = c.text
-            if delta:
-                yield chunk(index, delta, logprobs=self._new_logprobs(c, progress))
+            if progress.calls is not None:
+                delta, calls = progress.calls.feed(delta, c.finish_reason is not None)
+            if delta or calls:
+                yield chunk(index, delta or None, logprobs=self._new_logprobs(c, progress), calls=calls)
             if c.finish_reason is not None:
                 progress.ended = True
-                yield chunk(index, None, c, logprobs=self._new_logprobs(c, progress))
+                yield chunk(index, None, c, logprobs=self._new_logprobs(c, progress),
+                            called=progress.calls is not None and progress.calls.called)
 
     def _new_logprobs(self, c: CompletionOutput, progress: _Sent) -> dict | None:
         """The log-probabilities of the choice's tokens that no chunk carried yet, now counted as sent; None when
@@ -186,10 +198,10 @@ def _entries(c: CompletionOutput, start: int) -> list[TokenLogprobs]:
     return (c.logprobs or [])[start:len(c.token_ids)]
 
 
-def _reasons(output: CompletionOutput) -> dict:
-    """Why a choice ended: OpenAI's finish_reason, and vLLM's stop_reason (the stop string or token id that
-    ended it, null for EOS and length)."""
-    return {"finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+def _reasons(output: CompletionOutput, called: bool = False) -> dict:
+    """Why a choice ended: OpenAI's finish_reason (`tool_calls` when it ended with calls), and vLLM's stop_reason
+    (the stop string or token id that ended it, null for EOS, length and a grammar's end)."""
+    return {"finish_reason": finish_reason(output.finish_reason, called), "stop_reason": output.stop_reason}
 
 
 def sse(payload: dict) -> str:

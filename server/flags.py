@@ -5,6 +5,7 @@ import json
 
 from models.default_model import DEFAULT_MODEL
 from server.config import ServerConfig
+from server.tool_parsers import PARSERS
 
 API_KEY_ENV = "NANOSERVE_API_KEY"  # one key, or several separated by commas
 
@@ -35,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], help=f"repeatable; also ${API_KEY_ENV}")
     p.add_argument("--chat-template", default=None, help="a file, or a built-in name (chatml, llama-2-chat, ...)")
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                   help="the format of the model's tool calls (default: picked from the chat template; Hermes' "
+                        "<tool_call> for a template that knows no tools)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,

@@ -6,14 +6,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.params import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_BIASED_TOKENS, MAX_STOP_TOKEN_IDS,
-                           SamplingParams)
+from engine.params import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_BIASED_TOKENS, MAX_CHOICES, MAX_STOP_TOKEN_IDS,
+                           ParamError, SamplingParams, StructuredOutputs)
 
 MAX_PROMPTS = 128  # prompts in one completion request
 MAX_STOP = 4  # stop strings in one request, as OpenAI allows
 MAX_MESSAGES = 2048  # messages in one chat request, as OpenAI allows; and parts in one message
 MAX_CACHE_SALT_CHARS = 1024
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI bounds it
+MAX_TOOLS = 128  # functions in one request, as OpenAI allows
+MAX_DOCUMENTS = 1024  # documents in one chat request
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function (and json_schema) names
 TOKEN_ID_KEY = re.compile(r"[0-9]+")  # a logit_bias key: a token id written in ASCII digits, nothing around it
 
 
@@ -33,9 +36,46 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-# OpenAI parameters this server does not implement yet, with the values besides null that mean "not used".
-NOT_YET_SUPPORTED = {"suffix": (), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": (),
-                     "parallel_tool_calls": (), "response_format": ({"type": "text"},)}
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # the output always follows the schema here
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_goes_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is \"json_schema\"")
+        return self
+
+    def structured(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema else None
+        return StructuredOutputs(json_object=True) if schema is None else StructuredOutputs(json=schema)
+
+
+class StructuredOutputsField(StrictModel):
+    """vLLM's `structured_outputs`: exactly one of these."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    grammar: str | None = None
+
+    def structured(self) -> StructuredOutputs:
+        return StructuredOutputs(json=self.json_, json_object=bool(self.json_object), regex=self.regex,
+                                 choice=self.choice, grammar=self.grammar)
+
+
+# OpenAI parameters this server does not implement, with the values besides null that mean "not used". The
+# functions API is deprecated in favour of tools.
+NOT_YET_SUPPORTED = {"suffix": (), "functions": ([],), "function_call": ()}
 
 
 def _unused(value, unused_values: tuple) -> bool:
@@ -71,6 +111,8 @@ class SamplingFields(StrictModel):
     allowed_token_ids: Annotated[TokenIds, Field(max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None
     bad_words: Annotated[list[str], Field(max_length=MAX_BAD_WORDS)] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, description="per prompt token, up to the server's --max-logprobs")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     @field_validator("stop")
     @classmethod
@@ -101,7 +143,18 @@ class SamplingFields(StrictModel):
             raise ValueError(f"not supported yet: {', '.join(used)}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.structured_outputs is not None and self.response_format not in (None, ResponseFormat(type="text")):
+            raise ValueError("give at most one of response_format and structured_outputs")
         return self
+
+    @property
+    def constrains_output(self) -> bool:
+        return self.structured_outputs is not None or self.response_format not in (None, ResponseFormat(type="text"))
+
+    @property
+    def structured_field(self) -> str:
+        """The field the output's constraint came from, which its errors name."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     @property
     def shown_logprobs(self) -> int | None:
@@ -118,7 +171,15 @@ class SamplingFields(StrictModel):
             skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words, **self._scoring())
+            logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            structured_outputs=self._structured(), **self._scoring())
+
+    def _structured(self) -> StructuredOutputs | None:
+        field = self.structured_outputs or self.response_format
+        try:
+            return field and field.structured()
+        except ParamError as exc:
+            raise ParamError(self.structured_field, str(exc)) from exc
 
     def _scoring(self) -> dict:
         """The engine's logprobs and prompt_logprobs (and best_of), which the endpoints ask for differently."""
@@ -172,15 +233,62 @@ class TextPart(StrictModel):
     text: str
 
 
+class CalledFunction(StrictModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]  # null only goes with tool calls
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None  # null: tool calls only
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_MESSAGES)] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+    # What the SDKs send back of an assistant message they received; nothing here is read.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    @property
+    def text(self) -> str | None:
+        """The content, its text parts joined."""
+        return self.content if self.content is None or isinstance(self.content, str) else \
+            "".join(part.text for part in self.content)
 
     def for_template(self) -> dict:
-        """The message as chat templates read it: text parts joined, and the speaker's name when it has one."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": self.role, "content": content, "name": self.name}
+        """The message as chat templates read it: text parts joined, and the speaker's name, the assistant's tool
+        calls (arguments as text: `server/tools.py` makes them mappings) and the call a tool answers, when given."""
+        calls = None if self.tool_calls is None else [call.model_dump() for call in self.tool_calls]
+        return {"role": self.role, "content": self.text, "name": self.name, "tool_calls": calls,
+                "tool_call_id": self.tool_call_id}
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments always follow the schema when a call is forced
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -189,12 +297,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    documents: Annotated[list[dict[str, str]], Field(max_length=MAX_DOCUMENTS)] | None = None  # vLLM's, for RAG
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None

@@ -1,6 +1,7 @@
 """From OpenAI requests to engine requests and back: prompts, limits, responses and stream chunks."""
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -18,13 +19,15 @@ from server.errors import ApiError
 from server.exchange import Shown
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.tools import ToolUse, template_messages, tool_use
 
 
 RETRY_AFTER_SECONDS = 1
 # The engine's refusals as OpenAI errors: code, and the field at fault (None: the prompt's own field).
 _REFUSALS = {"prompt": ("invalid_prompt", None), "length": ("context_length_exceeded", None),
              **{name: ("invalid_request", name) for name in ("stop_token_ids", "n", "best_of", "logit_bias",
-                                                             "allowed_token_ids", "logprobs", "prompt_logprobs")}}
+                                                             "allowed_token_ids", "logprobs", "prompt_logprobs",
+                                                             "structured_outputs")}}
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Served:
     """The model this server serves and what it needs to turn requests into engine work."""
     engine: AsyncLLMEngine
     config: ServerConfig
-    chat_template: str | None
+    templates: chat.ChatTemplates  # the model's chat templates, picked per request
     metrics: Metrics
     queued: int = 0  # sequences (each prompt's n choices) admitted whose prompt's first output has not come yet
     runs: set["Run"] = field(default_factory=set)
@@ -77,20 +80,23 @@ class Served:
             self.engine.engine.check_prompt_chars(text)
         return tokenize(text)
 
-    def chat_prompt_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None = None) -> list[int]:
-        """The conversation rendered and tokenized without adding special tokens: the template wrote BOS
-        itself. The request's strings are plain text, markup-token strings in them included, unless the server lets
-        them be markup. A template error is the client's 400."""
+    def chat_prompt_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None = None,
+                        tools: ToolUse | None = None, documents: list[dict] | None = None) -> list[int]:
+        """The conversation (with the tools and documents the template is given) rendered and tokenized without
+        adding special tokens: the template wrote BOS itself. The request's strings are plain text, markup-token
+        strings in them included, unless the server lets them be markup. A template error is the client's 400."""
         tok = self.tokenizer
         special = lambda i: tok.token_text(i) if i is not None else ""  # noqa: E731
-        markup = tok.markup(self.chat_template or "")
+        template = self.templates.pick(tools is not None, documents is not None)
+        markup = tok.markup(template or "")
         request = chat.RequestText(() if self.config.special_tokens_in_messages else tuple(markup.tokens),
-                                   self.chat_template or "")
+                                   template or "")
         try:
-            text = chat.render(self.chat_template, request.escape([m.for_template() for m in messages]),
+            text = chat.render(template, request.escape(template_messages(messages, tools)),
                                add_generation_prompt, special(tok.bos_token_id),
                                special(tok.eos_token_ids[0] if tok.eos_token_ids else None),
-                               request.escape(template_kwargs))
+                               request.escape(template_kwargs), request.escape(tools and tools.tools),
+                               request.escape(documents))
         except chat.ChatTemplateError as exc:
             raise ApiError(400, str(exc), "invalid_chat_template", exc.param) from exc
         if not request.escaped:  # the common case: the library reads the rendering as it is
@@ -267,7 +273,7 @@ def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list
     texts = req.prompts()
     prompts, params = [served.encode(p) for p in texts], _params(served, req, req.max_tokens)
     for ids in prompts:
-        served.check_fits(ids, params, "prompt")
+        served.check_fits(ids, params, "prompt", renamed={"structured_outputs": req.structured_field})
     echo = None if not req.echo else [
         text if isinstance(text, str) else served.tokenizer.decode(ids, skip_special_tokens=False)
         for text, ids in zip(texts, prompts)]
@@ -275,11 +281,17 @@ def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list
 
 
 def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams, Shown]:
-    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    tools = tool_use(req, served.templates.pick(True, req.documents is not None), served.config.tool_call_parser)
+    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs, tools,
+                                 req.documents)
     params = _params(served, req, req.token_limit())
-    served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages",
-                      renamed={"logprobs": "top_logprobs"})  # chat's logprobs is a switch; top_logprobs the count
-    return [ids], params, Shown(req.shown_logprobs, req.prompt_logprobs)
+    forced = tools is not None and tools.structured is not None
+    if forced:
+        params = dataclasses.replace(params, structured_outputs=tools.structured)
+    # chat's logprobs is a switch, top_logprobs the count; a forced call's grammar comes from the tools' schemas
+    renamed = {"logprobs": "top_logprobs", "structured_outputs": "tools" if forced else req.structured_field}
+    served.check_fits(ids, params, "max_completion_tokens" if req.max_completion_tokens else "messages", renamed)
+    return [ids], params, Shown(req.shown_logprobs, req.prompt_logprobs, tools=tools)
 
 
 def _params(served: Served, req, max_tokens: int | None) -> SamplingParams:

@@ -1,0 +1,164 @@
+"""Tool calling in chat: what a request's `tools` and `tool_choice` make of its prompt, its sampling and its answer.
+
+`auto` lets the model call tools in its family's own format, which `server/tool_parsers.py` reads back (text that
+does not parse stays content). `required` and a named function constrain decoding to JSON of the calls
+(`forced_schema`), so that they always parse and their arguments follow the functions' schemas. `none` sends no
+tools. A template that knows no tools gets them described in a system message, in the Hermes format."""
+import json
+from dataclasses import dataclass
+
+from engine.params import StructuredOutputs
+from server.errors import ApiError
+from server.protocol import ChatCompletionRequest, ChatMessage
+from server.tool_parsers import (PARSERS, CallDelta, ToolParser, ToolStreamer, forced_parser,
+                                 forced_schema, parser_for_template, template_knows_tools, tools_system_prompt)
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    tools: list[dict]  # OpenAI's tool objects, as templates take them
+    parser: ToolParser  # reads the calls out of a choice's text
+    structured: StructuredOutputs | None  # required or a named function: the calls' grammar
+    described: bool  # the template knows no tools: a system message describes them, and calls are Hermes'
+    parallel: bool  # several calls in one answer
+
+
+def tool_use(req: ChatCompletionRequest, template: str | None, parser_name: str | None) -> ToolUse | None:
+    """The request's tool use, or None when it sends the model no tools; a 400 for a choice that cannot be met."""
+    choice = req.tool_choice or ("auto" if req.tools else "none")
+    if req.tools is None and choice != "none":
+        raise ApiError(400, "tool_choice needs tools", "invalid_request", "tool_choice")
+    if choice == "none":
+        return None
+    tools = [tool.model_dump(exclude_none=True) for tool in req.tools]
+    names = [tool.function.name for tool in req.tools]
+    forced = None if choice == "auto" else choice if choice == "required" else choice.function.name
+    if forced is not None and not names:
+        raise ApiError(400, f"tool_choice {forced!r} needs at least one function in tools", "invalid_request",
+                       "tool_choice")
+    if forced not in (None, "required", *names):
+        raise ApiError(400, f"tool_choice names the function {forced!r}, which is not among the tools "
+                            f"({', '.join(names)})", "invalid_request", "tool_choice")
+    if forced is not None and req.constrains_output:
+        raise ApiError(400, f"{req.structured_field} cannot be combined with tool_choice {forced!r}, which constrains "
+                            "the output itself", "invalid_request", req.structured_field)
+    parallel = req.parallel_tool_calls is not False
+    described = not template_knows_tools(template or "")
+    if forced is not None:
+        schema = forced_schema(tools, None if forced == "required" else forced, parallel)
+        return ToolUse(tools, forced_parser(None if forced == "required" else forced),
+                       StructuredOutputs(json=schema), described, parallel)
+    name = "hermes" if described else parser_name or parser_for_template(template)
+    return ToolUse(tools, PARSERS[name](), None, described, parallel)
+
+
+def template_messages(messages: list[ChatMessage], use: ToolUse | None) -> list[dict]:
+    """The conversation as templates take it, checked: an assistant's calls with their arguments as mappings, a tool
+    message with the name of the function it answers. For a template that knows no tools, calls and results become
+    Hermes text, and a system message describes the tools."""
+    check_messages(messages)
+    called = {call.id: call.function.name for m in messages for call in m.tool_calls or ()}
+    rendered = [_for_template(i, m, called) for i, m in enumerate(messages)]
+    if use is None or not use.described:
+        return rendered
+    rendered = [_as_hermes_text(m) for m in rendered]
+    description = tools_system_prompt(use.tools)
+    if rendered[0]["role"] == "system":
+        return [{**rendered[0], "content": f"{rendered[0]['content']}\n\n{description}"}, *rendered[1:]]
+    return [{"role": "system", "content": description}, *rendered]
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """What a message's role requires of its fields, each fault a 400 naming the field."""
+    for i, m in enumerate(messages):
+        if m.tool_calls is not None and m.role != "assistant":
+            raise _message_error(i, "tool_calls", f"a {m.role} message cannot have tool_calls")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise _message_error(i, "tool_call_id", f"a {m.role} message cannot have tool_call_id")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise _message_error(i, "tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+        if m.content is None and not m.tool_calls:
+            raise _message_error(i, "content", "content may be null only in an assistant message with tool_calls")
+
+
+def _message_error(index: int, field: str, message: str) -> ApiError:
+    return ApiError(400, f"messages[{index}]: {message}", "invalid_request", f"messages.{index}.{field}")
+
+
+def _for_template(index: int, message: ChatMessage, called: dict[str, str]) -> dict:
+    out = message.for_template()
+    if message.tool_calls:
+        out["tool_calls"] = [_call_for_template(index, k, call) for k, call in enumerate(out["tool_calls"])]
+    if message.role == "tool" and message.tool_call_id in called:
+        out["name"] = out["name"] or called[message.tool_call_id]
+    return out
+
+
+def _call_for_template(index: int, k: int, call: dict) -> dict:
+    """Hugging Face templates read a call's arguments as a mapping; OpenAI's API carries them as JSON text."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise _message_error(index, f"tool_calls.{k}.function.arguments", "a call's arguments must be a JSON object")
+    return {**call, "function": {**call["function"], "arguments": arguments}}
+
+
+def _as_hermes_text(message: dict) -> dict:
+    """A call or a result as text a template without tools renders: `<tool_call>` and `<tool_response>` blocks,
+    the result in a user turn (as Hermes-style templates put it)."""
+    if message["role"] == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+    if not message.get("tool_calls"):
+        return message
+    calls = "\n".join(f"<tool_call>\n{json.dumps(_call_body(c), ensure_ascii=False)}\n</tool_call>"
+                      for c in message["tool_calls"])
+    text = "\n".join(part for part in (message["content"], calls) if part)
+    return {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
+
+
+def _call_body(call: dict) -> dict:
+    return {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+def assistant_message(text: str, use: ToolUse | None) -> dict:
+    """A finished choice's message: its text, or the calls read out of it and the text around them."""
+    if use is None:
+        return {"role": "assistant", "content": text}
+    parsed = use.parser.parse(text)
+    calls = parsed.calls if use.parallel else parsed.calls[:1]
+    message = {"role": "assistant", "content": parsed.content if calls else parsed.content or ""}
+    if calls:
+        message["tool_calls"] = [{"id": call.id, "type": "function",
+                                  "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+    return message
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's `tool_calls` for an answer that ended with calls; one cut short keeps its `length`."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+class StreamedCalls:
+    """One streamed choice's text, turned into content and call deltas as it comes."""
+
+    def __init__(self, use: ToolUse):
+        self.streamer: ToolStreamer = use.parser.streamer()
+        self.parallel = use.parallel
+        self.called = False
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
+        """The content and OpenAI `delta.tool_calls` entries that `text`, the choice's new text, releases."""
+        deltas = [self.streamer.feed(text)] + ([self.streamer.finish()] if finished else [])
+        calls = [call for d in deltas for call in d.calls if self.parallel or call.index == 0]
+        self.called = self.called or bool(calls)
+        return "".join(d.content for d in deltas), [_delta_entry(call) for call in calls]
+
+
+def _delta_entry(call: CallDelta) -> dict:
+    """A call's first delta carries its id, type and name; later ones fragments of its arguments."""
+    function = {"arguments": call.arguments}
+    if call.name is None:
+        return {"index": call.index, "function": function}
+    return {"index": call.index, "id": call.id, "type": "function", "function": {"name": call.name, **function}}
