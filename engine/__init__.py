@@ -3,6 +3,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.params import SamplingParams
+from engine.params import SamplingParams, StructuredOutputs
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutputs", "RequestOutput",
+           "CompletionOutput"]

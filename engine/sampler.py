@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.controls import ControlledRow, apply_controls
-from engine.grammar import Masker
+from engine.grammar import mask_rows
 from engine.outputs import TokenLogprobs
 from engine.params import SamplingParams
 
@@ -30,7 +30,6 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.mask = Masker()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> Sampled:
@@ -39,7 +38,7 @@ class Sampler:
         scored = [i for i, r in enumerate(requests) if r.params.scored]
         raw_logprobs = _rows(logits, scored).log_softmax(dim=-1) if scored else None  # before the controls
         if constrained := [i for i, r in enumerate(requests) if r.grammar is not None]:
-            self.mask(logits, constrained, [requests[i].grammar for i in constrained])
+            mask_rows(logits, constrained, [requests[i].grammar for i in constrained])
         if any(not r.controls.empty or r.params.penalized for r in requests):
             logits = apply_controls(logits, requests)
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
