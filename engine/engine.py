@@ -93,8 +93,8 @@ class LLMEngine:
                                        self.runner.device)
         choices = [Sequence(request_id, text, ids, params, max_tokens,
                             IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens),
-                            self._generator(params.seed, index), controls, index, self._grammar(params), cache_salt,
-                            logprobs=None if params.logprobs is None else [])
+                            self._generator(params.seed, index), controls, index, self._grammar(params),
+                            cache_salt, logprobs=None if params.logprobs is None else [])
                    for index in range(params.num_candidates)]
         if params.prompt_logprobs is not None:  # the prompt is the request's: its first choice scores it
             choices[0].prompt_logprobs = [None] * len(ids)

@@ -37,6 +37,8 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
     parts, locs = [], []
     for e in errors:
         loc = tuple(e["loc"][1:]) if e["loc"][:1] == ("body",) else tuple(e["loc"])
+        if loc[:1] == ("messages",) and len(loc) > 2:  # pydantic names the role's model: messages.2.tool.tool_call_id
+            loc = loc[:2] + loc[3:]
         field = ".".join(map(str, loc))
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":

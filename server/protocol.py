@@ -4,7 +4,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from engine.params import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_BIASED_TOKENS, MAX_CHOICES, MAX_STOP_TOKEN_IDS,
                            ParamError, SamplingParams, StructuredOutputs)
@@ -244,17 +244,14 @@ class ToolCall(StrictModel):
     function: CalledFunction
 
 
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None  # null: tool calls only
+Content = str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+
+
+class _Message(StrictModel):
+    """What every role's message has. Roles are separate models, as OpenAI's API has them, so that each role's
+    required fields are in the OpenAPI schema and a missing one is a 400 naming it."""
+    content: Content | None
     name: str | None = None
-    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_MESSAGES)] | None = None  # an assistant's
-    tool_call_id: str | None = None  # a tool message's: the call it answers
-    # What the SDKs send back of an assistant message they received; nothing here is read.
-    refusal: str | None = None
-    annotations: list[Any] | None = None
-    audio: None = None
-    function_call: None = None
 
     @property
     def text(self) -> str | None:
@@ -263,11 +260,50 @@ class ChatMessage(StrictModel):
             "".join(part.text for part in self.content)
 
     def for_template(self) -> dict:
-        """The message as chat templates read it: text parts joined, and the speaker's name, the assistant's tool
+        """The message as chat templates read it: text parts joined, and the speaker's name, an assistant's tool
         calls (arguments as text: `server/tools.py` makes them mappings) and the call a tool answers, when given."""
-        calls = None if self.tool_calls is None else [call.model_dump() for call in self.tool_calls]
-        return {"role": self.role, "content": self.text, "name": self.name, "tool_calls": calls,
-                "tool_call_id": self.tool_call_id}
+        calls = getattr(self, "tool_calls", None)
+        return {"role": self.role, "content": self.text, "name": self.name,
+                "tool_calls": None if calls is None else [call.model_dump() for call in calls],
+                "tool_call_id": getattr(self, "tool_call_id", None)}
+
+
+class TextMessage(_Message):
+    """A system, developer or user message: text."""
+    role: Literal["system", "developer", "user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None  # null when it only calls tools
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    # What the SDKs send back of an assistant message they received; nothing here is read.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    @model_validator(mode="after")
+    def _says_or_calls(self):
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str  # the call it answers
+
+
+ChatMessage = Annotated[TextMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+_MESSAGE = TypeAdapter(ChatMessage)
+
+
+def chat_message(data: dict) -> TextMessage | AssistantMessage | ToolMessage:
+    """A message of any role from its JSON form."""
+    return _MESSAGE.validate_python(data)
 
 
 class FunctionDefinition(StrictModel):

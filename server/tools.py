@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from engine.params import StructuredOutputs
 from server.errors import ApiError
-from server.protocol import ChatCompletionRequest, ChatMessage
+from server.protocol import AssistantMessage, ChatCompletionRequest, TextMessage, ToolMessage
 from server.tool_parsers import (PARSERS, CallDelta, ToolParser, ToolStreamer, forced_parser,
                                  forced_schema, parser_for_template, template_knows_tools, tools_system_prompt)
 
@@ -52,12 +52,12 @@ def tool_use(req: ChatCompletionRequest, template: str | None, parser_name: str 
     return ToolUse(tools, PARSERS[name](), None, described, parallel)
 
 
-def template_messages(messages: list[ChatMessage], use: ToolUse | None) -> list[dict]:
-    """The conversation as templates take it, checked: an assistant's calls with their arguments as mappings, a tool
+def template_messages(messages: list[TextMessage | AssistantMessage | ToolMessage], use: ToolUse | None) -> list[dict]:
+    """The conversation as templates take it: an assistant's calls with their arguments as mappings, a tool
     message with the name of the function it answers. For a template that knows no tools, calls and results become
     Hermes text, and a system message describes the tools."""
-    check_messages(messages)
-    called = {call.id: call.function.name for m in messages for call in m.tool_calls or ()}
+    called = {call.id: call.function.name
+              for m in messages if isinstance(m, AssistantMessage) for call in m.tool_calls or ()}
     rendered = [_for_template(i, m, called) for i, m in enumerate(messages)]
     if use is None or not use.described:
         return rendered
@@ -68,26 +68,13 @@ def template_messages(messages: list[ChatMessage], use: ToolUse | None) -> list[
     return [{"role": "system", "content": description}, *rendered]
 
 
-def check_messages(messages: list[ChatMessage]) -> None:
-    """What a message's role requires of its fields, each fault a 400 naming the field."""
-    for i, m in enumerate(messages):
-        if m.tool_calls is not None and m.role != "assistant":
-            raise _message_error(i, "tool_calls", f"a {m.role} message cannot have tool_calls")
-        if m.tool_call_id is not None and m.role != "tool":
-            raise _message_error(i, "tool_call_id", f"a {m.role} message cannot have tool_call_id")
-        if m.role == "tool" and m.tool_call_id is None:
-            raise _message_error(i, "tool_call_id", "a tool message needs the tool_call_id of the call it answers")
-        if m.content is None and not m.tool_calls:
-            raise _message_error(i, "content", "content may be null only in an assistant message with tool_calls")
-
-
 def _message_error(index: int, field: str, message: str) -> ApiError:
     return ApiError(400, f"messages[{index}]: {message}", "invalid_request", f"messages.{index}.{field}")
 
 
-def _for_template(index: int, message: ChatMessage, called: dict[str, str]) -> dict:
+def _for_template(index: int, message: TextMessage | AssistantMessage | ToolMessage, called: dict[str, str]) -> dict:
     out = message.for_template()
-    if message.tool_calls:
+    if out["tool_calls"]:
         out["tool_calls"] = [_call_for_template(index, k, call) for k, call in enumerate(out["tool_calls"])]
     if message.role == "tool" and message.tool_call_id in called:
         out["name"] = out["name"] or called[message.tool_call_id]

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as Backend, models
 from models.tokenizer import load_tokenizer
 from server.chat import ChatTemplateError, ChatTemplates, choose_template, load_template, render
 from server.errors import ApiError
-from server.protocol import ChatMessage
+from server.protocol import chat_message
 from server.tools import template_messages
 from tests.helpers import VOCAB
 
@@ -95,7 +95,7 @@ def test_kwargs_cannot_set_tools_or_documents(name):
 
 
 def _conversation(*messages: dict) -> list[dict]:
-    return template_messages([ChatMessage.model_validate(m) for m in messages], None)
+    return template_messages([chat_message(m) for m in messages], None)
 
 
 def test_tool_call_arguments_become_mappings():
@@ -108,19 +108,18 @@ def test_tool_call_arguments_become_mappings():
 
 @pytest.mark.parametrize("arguments", ["not json", "[1, 2]", '"text"', ""])
 def test_tool_call_arguments_must_be_a_json_object(arguments):
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": arguments}}
     with pytest.raises(ApiError, match="JSON object") as info:
-        _conversation({"role": "assistant", "content": None,
-                       "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": arguments}}]})
+        _conversation({"role": "assistant", "content": None, "tool_calls": [call]})
     assert info.value.param == "messages.0.tool_calls.0.function.arguments"
 
 
 def test_openai_tool_calls_render_as_command_r_actions():
     """OpenAI's shape of a call (arguments as JSON text), made mappings, renders the Action block that the
     reference renders for the same call given as a mapping."""
-    messages = [*HI, *_conversation(
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"})]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    messages = [*HI, *_conversation({"role": "assistant", "content": None, "tool_calls": [call]},
+                                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"})]
     text = render(load_template("command-r-tool_use"), messages, True, "<BOS_TOKEN>", tools=[])
     assert ('<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>\nAction:\n```json\n[\n    {\n        "tool_name": "get_weather",\n'
             '        "parameters": {\n            "city": "Rome"\n        }\n    }\n]```\n'

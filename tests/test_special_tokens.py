@@ -19,7 +19,7 @@ from models.tokenizer import Markup, Tokenizer, load_tokenizer
 from server import chat
 from server.config import ServerConfig
 from server.errors import ApiError
-from server.protocol import ChatMessage
+from server.protocol import chat_message
 from server.serving import Served
 from tests.helpers import VOCAB, running_server
 
@@ -69,8 +69,8 @@ def served(tokenizer: Tokenizer, template: str, allow: bool = False) -> Served:
     return Served(SimpleNamespace(engine=engine), config, chat.ChatTemplates(template), metrics=None)
 
 
-def as_request(messages: list[dict]) -> list[ChatMessage]:
-    return [ChatMessage.model_validate(m) for m in messages]
+def as_request(messages: list[dict]) -> list:
+    return [chat_message(m) for m in messages]
 
 
 def rendered(tokenizer: Tokenizer, template: str, messages: list[dict], extra: dict | None = None,
