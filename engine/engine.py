@@ -93,9 +93,9 @@ class LLMEngine:
                                        self.runner.device)
         choices = [Sequence(request_id, text, ids, params, max_tokens,
                             IncrementalDetokenizer(self.tokenizer, ids, params.stop_patterns, params.skip_special_tokens),
-                            self._generator(params.seed, index), controls, index, self._grammar(params),
-                            cache_salt, logprobs=None if params.logprobs is None else [])
-                   for index in range(params.num_candidates)]
+                            self._generator(params.seed, index), controls, index, grammar, cache_salt,
+                            logprobs=None if params.logprobs is None else [])
+                   for index, grammar in enumerate(self._grammars(params))]
         if params.prompt_logprobs is not None:  # the prompt is the request's: its first choice scores it
             choices[0].prompt_logprobs = [None] * len(ids)
         choices[0].forks = choices[1:]
@@ -112,8 +112,11 @@ class LLMEngine:
         generator.manual_seed((seed + index + 2**63) % 2**64 - 2**63)
         return generator
 
-    def _grammar(self, params: SamplingParams):
-        return None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
+    def _grammars(self, params: SamplingParams) -> list:
+        """Each choice's own grammar matcher, or None each when the output is free."""
+        if params.structured_outputs is None:
+            return [None] * params.num_candidates
+        return self.grammars.matchers(params.structured_outputs, params.num_candidates)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A prompt's token ids, once `check_prompt_chars` lets it through."""

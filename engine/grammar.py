@@ -39,17 +39,22 @@ class Grammars:
                 return matcher
         # Outside the lock: a large schema compiles for tens of milliseconds, and other specs need not wait.
         matcher = llguidance.LLMatcher(self._vocabulary(), _grammar(spec), log_level=0)
-        if matcher.is_error():
-            raise GrammarError(f"the {spec.key[0]} cannot be compiled: {matcher.get_error()}")
+        # The first mask, computed here on the caller's thread, finds what the library refuses only once it runs (a
+        # lexer too complex for its limits), and warms the matcher.
+        first = matcher.deep_copy()
+        fill_next_token_bitmask(first, torch.zeros(1, (self._vocab_size + 31) // 32, dtype=torch.int32))
+        if matcher.is_error() or first.is_error():
+            raise GrammarError(f"the {spec.key[0]} cannot be compiled: {matcher.get_error() or first.get_error()}")
         with self._lock:
             self._compiled[spec.key] = matcher
             if len(self._compiled) > CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def matcher(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
-        """A new sequence's own matcher."""
-        return self.compile(spec).deep_copy()
+    def matchers(self, spec: StructuredOutputs, count: int) -> list[llguidance.LLMatcher]:
+        """A new request's sequences' own matchers."""
+        compiled = self.compile(spec)
+        return [compiled.deep_copy() for _ in range(count)]
 
     def _vocabulary(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -64,17 +69,17 @@ class Grammars:
 def _grammar(spec: StructuredOutputs) -> str:
     """The spec as an llguidance grammar."""
     try:
-        if spec.json is not None:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.json)
-        if spec.json_object:
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+        if spec.json is not None or spec.json_object:
+            schema = {"type": "object"} if spec.json_object else spec.json
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=spec.json_options or None)
         if spec.regex is not None:
             return llguidance.LLMatcher.grammar_from_regex(spec.regex)
         if spec.choice is not None:  # Lark string literals take JSON's escapes
             return llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
         return llguidance.LLMatcher.grammar_from_lark(any_to_lark(spec.grammar))
-    except (ValueError, TypeError) as exc:  # a schema that is not JSON, a GBNF grammar the converter refuses
+    except Exception as exc:  # noqa: BLE001 - a schema that is not JSON; a GBNF grammar the converter refuses, which
+        # it says with exceptions of several kinds (its own, Exception, IndexError): all the client's 400
         raise GrammarError(f"the {spec.key[0]} cannot be compiled: {exc}") from exc
 
 

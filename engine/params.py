@@ -40,41 +40,58 @@ def is_whole(value) -> bool:
 @dataclass(frozen=True)
 class StructuredOutputs:
     """What the output must match, as vLLM's `structured_outputs` names it: exactly one of a JSON schema, any JSON
-    object, a regular expression, one of some strings, or a grammar (Lark, or GBNF)."""
+    object, a regular expression, one of some strings, or a grammar (Lark, or GBNF). JSON may have whitespace
+    between its tokens, unless `disable_any_whitespace`, or as `whitespace_pattern` (a regex) says."""
     json: dict | str | None = None  # a JSON schema, as an object or its text
     json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+    # What compiles to the same grammar: the kind, the spec as one text (a schema as canonical JSON), the JSON
+    # options. Computed once: a large schema takes milliseconds to serialise.
+    key: tuple[str, str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        given += ["json_object"] if self.json_object else []
-        if len(given) != 1:
-            raise ParamError("structured_outputs", "structured_outputs takes exactly one of json, json_object, regex, "
-                                                   f"choice and grammar; got {', '.join(given) or 'none'}")
-        if not isinstance(self.json, (dict, str, type(None))) or not isinstance(self.json_object, bool):
-            raise ParamError("structured_outputs", "json must be a JSON schema (an object, or its text)")
-        for name in ("regex", "grammar"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, str) and value):
-                raise ParamError("structured_outputs", f"{name} must be a non-empty string")
-        if self.choice is not None and not (0 < len(self.choice) <= MAX_CHOICES and
-                                            all(isinstance(c, str) and c for c in self.choice)):
-            raise ParamError("structured_outputs", f"choice must hold 1 to {MAX_CHOICES} non-empty strings")
+        given += ["json_object"] if self.json_object is True else []
+        for ok, message in self._checks(given):
+            if not ok:
+                raise ParamError("structured_outputs", message)
+        object.__setattr__(self, "key", (given[0], self._text(), _canonical_json(self.json_options)))
         if len(self.key[1]) > MAX_GRAMMAR_CHARS:
             raise ParamError("structured_outputs", f"{given[0]} has more than {MAX_GRAMMAR_CHARS} characters")
 
+    def _checks(self, given: list[str]):
+        """(ok, message) for each rule, in order; a rule runs only if the ones before it passed."""
+        yield len(given) == 1, ("structured_outputs takes exactly one of json, json_object, regex, choice and "
+                                f"grammar; got {', '.join(given) or 'none'}")
+        yield isinstance(self.json, (dict, str, type(None))), "json must be a JSON schema (an object, or its text)"
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            yield value is None or (isinstance(value, str) and value), f"{name} must be a non-empty string"
+        yield self.choice is None or (0 < len(self.choice) <= MAX_CHOICES and
+                                      all(isinstance(c, str) and c for c in self.choice)), \
+            f"choice must hold 1 to {MAX_CHOICES} non-empty strings"
+        yield isinstance(self.json_object, bool) and isinstance(self.disable_any_whitespace, bool), \
+            "json_object and disable_any_whitespace must be booleans"
+        yield not self.json_options or given[0] in ("json", "json_object"), \
+            "disable_any_whitespace and whitespace_pattern apply to json and json_object only"
+
     @property
-    def key(self) -> tuple[str, str]:
-        """What compiles to the same grammar: the kind, and the spec as one text (a schema as canonical JSON)."""
+    def json_options(self) -> dict:
+        """llguidance's options for JSON, as the spec sets them."""
+        if self.whitespace_pattern is not None:
+            return {"whitespace_pattern": self.whitespace_pattern}
+        return {"whitespace_flexible": False} if self.disable_any_whitespace else {}
+
+    def _text(self) -> str:
         if self.json is not None:
-            return "json", self.json if isinstance(self.json, str) else _canonical_json(self.json)
+            return self.json if isinstance(self.json, str) else _canonical_json(self.json)
         if self.choice is not None:
-            return "choice", _canonical_json(self.choice)
-        if self.json_object:
-            return "json_object", ""
-        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
+            return _canonical_json(self.choice)
+        return "" if self.json_object else self.regex if self.regex is not None else self.grammar
 
 
 def _canonical_json(value) -> str:

@@ -40,7 +40,7 @@ class Sampler:
         if constrained := [i for i, r in enumerate(requests) if r.grammar is not None]:
             mask_rows(logits, constrained, [requests[i].grammar for i in constrained])
         if any(not r.controls.empty or r.params.penalized for r in requests):
-            logits = apply_controls(logits, requests)
+            logits = _controlled(logits, requests, constrained)
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy := [i for i, r in enumerate(requests) if r.params.greedy]:
             tokens[greedy] = _rows(logits, greedy).max(dim=-1).indices  # the first of ties, as argmax; faster
@@ -94,6 +94,19 @@ class Sampler:
         # The block's float32 sum may round above its float64 one: past the end, take its last likely token.
         last_likely = (within < within[:, -1:]).sum(dim=-1, keepdim=True)
         return (block * DRAW_BLOCK + torch.minimum(token, last_likely))[:, 0]
+
+
+def _controlled(logits: torch.Tensor, requests: list[SamplingRequest], constrained: list[int]) -> torch.Tensor:
+    """The logits with the controls applied. A constrained row that they leave no token (allowed_token_ids or
+    bad_words against the grammar, min_tokens barring the EOS that is all a complete grammar allows) keeps its
+    grammar's mask alone: the output must match its spec, and token 0 drawn from nothing would break it."""
+    before = logits[constrained] if constrained else None  # a copy: indexing with a list copies
+    logits = apply_controls(logits, requests)
+    if constrained:
+        dead = (logits[constrained] == float("-inf")).all(dim=-1)
+        for k in dead.nonzero()[:, 0].tolist():
+            logits[constrained[k]] = before[k]
+    return logits
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -201,7 +201,8 @@ def _entries(c: CompletionOutput, start: int) -> list[TokenLogprobs]:
 def _reasons(output: CompletionOutput, called: bool = False) -> dict:
     """Why a choice ended: OpenAI's finish_reason (`tool_calls` when it ended with calls), and vLLM's stop_reason
     (the stop string or token id that ended it, null for EOS, length and a grammar's end)."""
-    return {"finish_reason": finish_reason(output.finish_reason, called), "stop_reason": output.stop_reason}
+    return {"finish_reason": finish_reason(output.finish_reason, called, output.stop_reason),
+            "stop_reason": output.stop_reason}
 
 
 def sse(payload: dict) -> str:

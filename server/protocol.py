@@ -67,10 +67,14 @@ class StructuredOutputsField(StrictModel):
     regex: str | None = None
     choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
     grammar: str | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+    whitespace_pattern: str | None = None  # a regex of the whitespace JSON may have between its tokens
 
     def structured(self) -> StructuredOutputs:
         return StructuredOutputs(json=self.json_, json_object=bool(self.json_object), regex=self.regex,
-                                 choice=self.choice, grammar=self.grammar)
+                                 choice=self.choice, grammar=self.grammar,
+                                 disable_any_whitespace=self.disable_any_whitespace,
+                                 whitespace_pattern=self.whitespace_pattern)
 
 
 # OpenAI parameters this server does not implement, with the values besides null that mean "not used". The
@@ -311,6 +315,13 @@ class FunctionDefinition(StrictModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None  # the arguments always follow the schema when a call is forced
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters):
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError("parameters must be the JSON schema of an object (type \"object\")")
+        return parameters
 
 
 class Tool(StrictModel):

@@ -92,7 +92,7 @@ class Served:
         request = chat.RequestText(() if self.config.special_tokens_in_messages else tuple(markup.tokens),
                                    template or "")
         try:
-            text = chat.render(template, request.escape(template_messages(messages, tools)),
+            text = chat.render(template, request.escape(template_messages(messages, template, tools)),
                                add_generation_prompt, special(tok.bos_token_id),
                                special(tok.eos_token_ids[0] if tok.eos_token_ids else None),
                                request.escape(template_kwargs), request.escape(tools and tools.tools),
@@ -281,9 +281,11 @@ def completion_inputs(served: Served, req: CompletionRequest) -> tuple[list[list
 
 
 def chat_inputs(served: Served, req: ChatCompletionRequest) -> tuple[list[list[int]], SamplingParams, Shown]:
-    tools = tool_use(req, served.templates.pick(True, req.documents is not None), served.config.tool_call_parser)
-    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs, tools,
-                                 req.documents)
+    kwargs = dict(req.chat_template_kwargs or {})
+    # vLLM let documents come as a template variable before it had the field: both reach the template as documents
+    documents = req.documents if req.documents is not None else kwargs.pop("documents", None)
+    tools = tool_use(req, served.templates.pick(True, documents is not None), served.config.tool_call_parser)
+    ids = served.chat_prompt_ids(req.messages, req.add_generation_prompt, kwargs, tools, documents)
     params = _params(served, req, req.token_limit())
     forced = tools is not None and tools.structured is not None
     if forced:

@@ -44,12 +44,19 @@ class StreamDelta:
     calls: tuple[CallDelta, ...] = ()
 
 
-# --- JSON text: finding where values end without parsing them ---
+# --- JSON text: reading it as it arrives ---
+
+# A reader is a generator over the growing text of a streamer (`src.text`): it yields while the text so far ends
+# inside what it reads, raises _NotACall when the text cannot be that, and returns what it read. It keeps its place
+# between feeds, so each character is scanned once however the text is chunked. (No reader holds the text in a local
+# across a yield: ToolStreamer.feed grows it in place only while nothing else refers to it.)
 
 _STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
-_STRING_TOKEN = re.compile(_STRING, re.S)
-# JSON's tokens, literals loosely (json.loads judges them); whitespace is JSON's four characters, not Unicode's.
-_JSON_TOKEN = re.compile(_STRING + r'|[{}\[\]:,]|[-+.0-9A-Za-z]+|[ \t\n\r]+', re.S)
+# A string's characters after its opening quote, up to its closing quote, the end of the text, or a final backslash.
+_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)
+# What JSON has outside strings but brackets: punctuation, literals (loosely: the decoder judges them), whitespace
+# (JSON's four characters, not Unicode's).
+_BETWEEN = re.compile(r"[:,\-+.0-9A-Za-z \t\n\r]*")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _STRING_OR_WHITESPACE = re.compile(f"({_STRING})|[ \\t\\n\\r]+", re.S)
 
@@ -58,75 +65,96 @@ class _NotACall(Exception):
     """The text cannot be the expected form, whatever follows it."""
 
 
-class _NeedMore(_NotACall):
-    """The text ends inside what may still become the expected form: wait for more (at the end: not a call)."""
+class _NeedMore(Exception):
+    """The text ends inside what may still become the expected form."""
+
+
+def _refuse(constant: str):
+    """Python's decoder takes NaN and Infinity, which are not JSON (a client's parser would refuse the arguments)."""
+    raise ValueError(constant)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse)
 
 
 def _skip_whitespace(text: str, pos: int) -> int:
     return _WHITESPACE.match(text, pos).end()
 
 
-def _expect(text: str, pos: int, literal: str) -> int:
-    """The position after `literal`, which must come next in the text after whitespace."""
-    pos = _skip_whitespace(text, pos)
-    if text.startswith(literal, pos):
-        return pos + len(literal)
-    raise _NeedMore if literal.startswith(text[pos:pos + len(literal)]) else _NotACall
+def _next_token(src, pos: int):
+    """Reader: where the next character but whitespace is."""
+    while (pos := _skip_whitespace(src.text, pos)) == len(src.text):
+        yield
+    return pos
 
 
-def _container_end(text: str, start: int) -> int:
-    """The position just past the JSON object or array that opens at text[start]."""
+def _expect(src, pos: int, literal: str):
+    """Reader: the position after `literal`, which must come next after whitespace."""
+    pos = yield from _next_token(src, pos)
+    while not src.text.startswith(literal, pos):
+        if not literal.startswith(src.text[pos:pos + len(literal)]):
+            raise _NotACall
+        yield
+    return pos + len(literal)
+
+
+def _string_end(src, start: int):
+    """Reader: the position just past the JSON string that opens at src.text[start]."""
+    pos = start + 1
+    while True:
+        pos = _STRING_BODY.match(src.text, pos).end()
+        if src.text[pos:pos + 1] == '"':
+            return pos + 1
+        yield
+
+
+def _container_end(src, start: int):
+    """Reader: the position just past the JSON object or array that opens at src.text[start]."""
     closers, pos = [], start
-    while pos < len(text):
-        token = _JSON_TOKEN.match(text, pos)
-        if token is None:  # an open string runs to the end, or a character no JSON has outside strings
-            raise _NeedMore if text[pos] == '"' else _NotACall
-        pos, token = token.end(), token.group()
-        if token in ("{", "["):
-            closers.append("}" if token == "{" else "]")
-        elif token in ("}", "]"):
-            if token != closers.pop():
-                raise _NotACall
-            if not closers:
-                return pos
-    raise _NeedMore
+    while True:
+        pos = _BETWEEN.match(src.text, pos).end()
+        if pos == len(src.text):
+            yield
+            continue
+        char = src.text[pos]
+        if char == '"':
+            pos = yield from _string_end(src, pos)
+            continue
+        pos += 1
+        if char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char not in "}]" or char != closers.pop():  # a character no JSON has outside strings, or a mismatch
+            raise _NotACall
+        elif not closers:
+            return pos
 
 
-def _read_json(text: str, pos: int, opener: str) -> tuple[object, int, int]:
-    """The JSON object or array (by its `opener`) that must come next after whitespace: (value, start, end)."""
-    start = _skip_whitespace(text, pos)
-    if start == len(text):
-        raise _NeedMore
-    if text[start] != opener:
+def _read_json(src, pos: int, opener: str):
+    """Reader: the JSON object or array (by its `opener`) that must come next after whitespace: (value, start, end)."""
+    start = yield from _next_token(src, pos)
+    if src.text[start] != opener:
         raise _NotACall
-    end = _container_end(text, start)
+    end = yield from _container_end(src, start)
     try:
-        return json.loads(text[start:end], parse_constant=_refuse), start, end
+        return _DECODER.decode(src.text[start:end]), start, end
     except ValueError:
         raise _NotACall from None
 
 
-def _refuse(constant: str):
-    """json.loads takes NaN and Infinity, which are not JSON (a client's parser would refuse the arguments)."""
-    raise ValueError(constant)
-
-
 def _value_end(text: str, start: int) -> int:
     """Where the (valid) JSON value at text[start] ends."""
-    if text[start] in "{[":
-        return _container_end(text, start)
-    return _JSON_TOKEN.match(text, start).end()
+    return _DECODER.raw_decode(text, start)[1]
 
 
 def _member_spans(text: str, start: int) -> dict[str, tuple[int, int]]:
     """Each member's value's (start, end) in the valid JSON object at text[start]; a repeated key keeps its last
-    value, as json.loads does."""
+    value, as the decoder does."""
     spans, pos = {}, _skip_whitespace(text, start + 1)
     while text[pos] == '"':
-        key_end = _STRING_TOKEN.match(text, pos).end()
-        value_start = _skip_whitespace(text, _expect(text, key_end, ":"))
+        key, key_end = _DECODER.raw_decode(text, pos)
+        value_start = _skip_whitespace(text, _skip_whitespace(text, key_end) + 1)  # past the ":"
         value_end = _value_end(text, value_start)
-        spans[json.loads(text[pos:key_end])] = (value_start, value_end)
+        spans[key] = (value_start, value_end)
         pos = _skip_whitespace(text, value_end)
         if text[pos] == ",":
             pos = _skip_whitespace(text, pos + 1)
@@ -160,6 +188,15 @@ def _call(obj: object, text: str, start: int, name_key: str, arguments_keys: tup
     return obj[name_key], _compact(text[value_start:value_end])
 
 
+def _resume(reader, final: bool):
+    """Run a reader on the text so far: its result; _NeedMore while it waits for more, _NotACall if none will come."""
+    try:
+        next(reader)
+    except StopIteration as done:
+        return done.value
+    raise _NotACall if final else _NeedMore
+
+
 # --- Streaming ---
 
 class ToolStreamer:
@@ -176,7 +213,11 @@ class ToolStreamer:
 
     def feed(self, text: str) -> StreamDelta:
         """`text`: the new text since the last feed."""
-        self.text += text
+        # `self.text += text` would copy the whole text at every feed: CPython appends in place only to a string that
+        # a local name alone refers to.
+        whole, self.text = self.text, ""
+        whole += text
+        self.text = whole
         self._advance(final=False)
         return self._take()
 
@@ -241,27 +282,31 @@ class _BlockStreamer(ToolStreamer):
     """Content with blocks of calls, each opened by a marker: content streams at once but for a possible start of
     the marker; a block is held until it is complete, then released as calls, or as content if it is no block."""
 
-    def __init__(self, marker: str, read_block: Callable[[str, int], tuple[list[tuple[str, str]], int]]):
+    def __init__(self, marker: str, read_block: Callable):
         super().__init__()
-        self._marker, self._read_block = marker, read_block
+        self._marker, self._read_block = marker, read_block  # read_block(src, start): reader of (calls, end)
+        self._block = None  # the reader of the block at self.pos while it is open
 
     def _advance(self, final: bool) -> None:
         while True:
-            start = self.text.find(self._marker, self.pos)
-            if start == -1:
-                held = 0 if final else _partial_marker(self.text, self.pos, self._marker)
-                self._content_until(len(self.text) - held)
-                return
-            self._content_until(start)
-            try:
-                calls, end = self._read_block(self.text, start)
-            except _NotACall as failure:
-                if isinstance(failure, _NeedMore) and not final:
+            if self._block is None:
+                start = self.text.find(self._marker, self.pos)
+                if start == -1:
+                    held = 0 if final else _partial_marker(self.text, self.pos, self._marker)
+                    self._content_until(len(self.text) - held)
                     return
-                self._content_until(start + len(self._marker))  # the marker is text; look for the next one
-                continue
-            self._add_calls(calls)
-            self.pos = end
+                self._content_until(start)
+                self._block = self._read_block(self, start)
+            try:
+                calls, end = _resume(self._block, final)
+            except _NeedMore:
+                return
+            except _NotACall:
+                self._content_until(self.pos + len(self._marker))  # the marker is text; look for the next one
+            else:
+                self._add_calls(calls)
+                self.pos = end
+            self._block = None
 
 
 class _Llama3JsonStreamer(ToolStreamer):
@@ -270,21 +315,23 @@ class _Llama3JsonStreamer(ToolStreamer):
 
     def __init__(self):
         super().__init__()
+        self._reader = _read_llama3_calls(self)
         self._is_content = False
 
     def _advance(self, final: bool) -> None:
         if not self._is_content:
             try:
-                calls = _read_llama3_calls(self.text)
-            except _NotACall as failure:
-                if isinstance(failure, _NeedMore) and not final:
+                calls = next(self._reader)
+            except _NotACall:
+                calls = None
+            else:
+                if not final:
                     return
-                self._is_content = True
-            else:  # calls so far; more may follow, or text that makes it all content
-                if final:
-                    self._add_calls(calls)
-                    self.pos = len(self.text)
+            if calls is not None:  # the end, and the text is calls
+                self._add_calls(calls)
+                self.pos = len(self.text)
                 return
+            self._is_content = True
         self._content_until(len(self.text))
 
 
@@ -293,10 +340,10 @@ class _Llama3JsonStreamer(ToolStreamer):
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
-def _read_hermes_block(text: str, start: int) -> tuple[list[tuple[str, str]], int]:
-    obj, begin, end = _read_json(text, start + len(_HERMES_OPEN), "{")
-    call = _call(obj, text, begin, "name", ("arguments", "parameters"))
-    return [call], _expect(text, end, _HERMES_CLOSE)
+def _read_hermes_block(src, start: int):
+    obj, begin, end = yield from _read_json(src, start + len(_HERMES_OPEN), "{")
+    call = _call(obj, src.text, begin, "name", ("arguments", "parameters"))
+    return [call], (yield from _expect(src, end, _HERMES_CLOSE))
 
 
 # --- llama3_json: the message is {"name": ..., "parameters": {...}}, optionally after <|python_tag|>, ";"-separated ---
@@ -304,20 +351,21 @@ def _read_hermes_block(text: str, start: int) -> tuple[list[tuple[str, str]], in
 _PYTHON_TAG = "<|python_tag|>"
 
 
-def _read_llama3_calls(text: str) -> list[tuple[str, str]]:
-    pos = _skip_whitespace(text, 0)
-    if text.startswith(_PYTHON_TAG, pos):
-        pos += len(_PYTHON_TAG)
-    elif _PYTHON_TAG.startswith(text[pos:pos + len(_PYTHON_TAG)]):
-        raise _NeedMore
+def _read_llama3_calls(src):
+    """Reader that never returns: yields the calls when the text so far is calls, None while it ends inside one."""
+    try:
+        pos = yield from _expect(src, 0, _PYTHON_TAG)
+    except _NotACall:
+        pos = 0
     calls = []
     while True:
-        obj, begin, end = _read_json(text, pos, "{")
-        calls.append(_call(obj, text, begin, "name", ("parameters", "arguments")))
-        pos = _skip_whitespace(text, end)
-        if pos == len(text):
-            return calls
-        if text[pos] != ";":
+        obj, begin, end = yield from _read_json(src, pos, "{")
+        calls.append(_call(obj, src.text, begin, "name", ("parameters", "arguments")))
+        pos = _skip_whitespace(src.text, end)
+        while pos == len(src.text):  # calls so far; more may follow, or text that makes it all content
+            yield calls
+            pos = _skip_whitespace(src.text, pos)
+        if src.text[pos] != ";":
             raise _NotACall
         pos += 1
 
@@ -329,21 +377,18 @@ _ACTION = "Action:"
 _DIRECTLY_ANSWER = ("directly_answer", "directly-answer")
 
 
-def _read_action_block(text: str, start: int) -> tuple[list[tuple[str, str]], int]:
-    fence = _expect(text, start + len(_ACTION), "```json")
-    items, begin, end = _read_json(text, fence, "[")
-    calls = [_call(item, text, item_start, "tool_name", ("parameters",))
-             for item, item_start in zip(items, _element_starts(text, begin))]
-    return [call for call in calls if call[0] not in _DIRECTLY_ANSWER], _expect(text, end, "```")
+def _read_action_block(src, start: int):
+    fence = yield from _expect(src, start + len(_ACTION), "```json")
+    items, begin, end = yield from _read_json(src, fence, "[")
+    calls = [_call(item, src.text, item_start, "tool_name", ("parameters",))
+             for item, item_start in zip(items, _element_starts(src.text, begin))]
+    return [call for call in calls if call[0] not in _DIRECTLY_ANSWER], (yield from _expect(src, end, "```"))
 
 
 # --- forced: grammar-constrained output for tool_choice "required" or a named function ---
 
-# The plan of a `required` output. The grammar (llguidance) writes an object's properties in the schema's order and
-# allows whitespace between tokens. _NAME: the function's name; _ARGUMENTS: its arguments object; _NEXT: "," for
-# another call or "]"; _END: nothing but whitespace.
-_NAME, _ARGUMENTS, _NEXT, _END = "<name>", "<arguments>", "<next>", "<end>"
-_REQUIRED_CALL = ["{", '"name"', ":", _NAME, ",", '"parameters"', ":", _ARGUMENTS, "}", _NEXT]
+# The grammar (llguidance) writes an object's properties in the schema's order and allows whitespace between tokens.
+# A `required` output is [{"name": <name>, "parameters": <arguments>}, ...]; a named function's, its arguments.
 
 
 class _ObjectCursor:
@@ -385,64 +430,76 @@ class _ObjectCursor:
 class _ForcedStreamer(ToolStreamer):
     """Follows the output's expected shape step by step and streams each call's arguments as they arrive. The
     grammar makes the shape certain; an output cut short (max_tokens) leaves the last call's arguments cut short.
-    Text that leaves the shape (none, under the grammar) is content from there on."""
+    Text that leaves the shape (none, under the grammar) is content from there on. `self.pos` moves past each step
+    as it is read."""
 
     def __init__(self, function_name: str | None):
         super().__init__()
-        self._name = function_name
-        self._plan = [_ARGUMENTS, _END] if function_name else ["[", *_REQUIRED_CALL]
-        self._arguments: _ObjectCursor | None = None  # while a call's arguments stream
+        self._reader = self._read_output(function_name)
         self._derailed = False
 
     def _advance(self, final: bool) -> None:
-        while not self._derailed and self._step(final):
-            pass
+        if not self._derailed:
+            try:
+                next(self._reader)
+            except _NotACall:
+                self._derailed = True
+            else:  # at the end, a step begun but unfinished (a name or punctuation cut short) leaves the shape
+                self._derailed = final and _skip_whitespace(self.text, self.pos) < len(self.text)
         if self._derailed:
             self._content_until(len(self.text))
 
-    def _step(self, final: bool) -> bool:
-        """Read the next step of the plan; False when the text so far is used up, or the output left the plan."""
-        if self._arguments is not None:
-            fragment, self.pos = self._arguments.take(self.text, self.pos)
-            self._add_arguments(fragment)
-            if not self._arguments.done:
-                return False
-            self._arguments = None
-            return True
-        start = _skip_whitespace(self.text, self.pos)
-        if start == len(self.text):
-            return False
-        try:
-            self.pos = self._read(self._plan[0], start)
-        except _NotACall as failure:
-            self._derailed = not isinstance(failure, _NeedMore) or final
-            return False
-        self._plan.pop(0)
-        return True
+    def _read_output(self, function_name: str | None):
+        """Reader that never returns: the named function's arguments, or (None) the `required` array of calls;
+        then nothing but whitespace."""
+        if function_name is not None:
+            yield from self._read_arguments(function_name)
+        else:
+            yield from self._read_literals("[")
+            while True:
+                yield from self._read_literals("{", '"name"', ":")
+                name = yield from self._read_name()
+                yield from self._read_literals(",", '"parameters"', ":")
+                yield from self._read_arguments(name)
+                yield from self._read_literals("}")
+                after = yield from _next_token(self, self.pos)
+                if self.text[after] not in ",]":
+                    raise _NotACall
+                self.pos = after + 1
+                if self.text[after] == "]":
+                    break
+        yield from _next_token(self, self.pos)
+        raise _NotACall
 
-    def _read(self, step: str, start: int) -> int:
-        """Read `step` of the plan at text[start]; return the position after it."""
-        text = self.text
-        if step == _ARGUMENTS:
-            if text[start] != "{":
-                raise _NotACall
-            self._start_call(self._name)
-            self._arguments = _ObjectCursor()
-            return start  # the cursor reads the object from its "{"
-        if step == _NAME:
-            name = _STRING_TOKEN.match(text, start)
-            if name is None:
-                raise _NeedMore if text[start] == '"' else _NotACall
-            self._name = json.loads(name.group())
-            return name.end()
-        if step == _NEXT:
-            if text[start] not in ",]":
-                raise _NotACall
-            self._plan.extend(_REQUIRED_CALL if text[start] == "," else [_END])
-            return start + 1
-        if step == _END:
+    def _read_literals(self, *literals: str):
+        for literal in literals:
+            self.pos = yield from _expect(self, self.pos, literal)
+
+    def _read_name(self):
+        start = yield from _next_token(self, self.pos)
+        if self.text[start] != '"':
             raise _NotACall
-        return _expect(text, start, step)
+        end = yield from _string_end(self, start)
+        try:
+            name = _DECODER.decode(self.text[start:end])
+        except ValueError:  # a bad escape
+            raise _NotACall from None
+        self.pos = end
+        return name
+
+    def _read_arguments(self, name: str):
+        """Stream the arguments object of a call to `name`, which must come next."""
+        start = yield from _next_token(self, self.pos)
+        if self.text[start] != "{":
+            raise _NotACall
+        self._start_call(name)
+        cursor, self.pos = _ObjectCursor(), start
+        while True:
+            fragment, self.pos = cursor.take(self.text, self.pos)
+            self._add_arguments(fragment)
+            if cursor.done:
+                return
+            yield
 
 
 # --- Parsers ---

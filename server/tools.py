@@ -7,7 +7,7 @@ tools. A template that knows no tools gets them described in a system message, i
 import json
 from dataclasses import dataclass
 
-from engine.params import StructuredOutputs
+from engine.params import ParamError, StructuredOutputs
 from server.errors import ApiError
 from server.protocol import AssistantMessage, ChatCompletionRequest, TextMessage, ToolMessage
 from server.tool_parsers import (PARSERS, CallDelta, ToolParser, ToolStreamer, forced_parser,
@@ -31,7 +31,25 @@ def tool_use(req: ChatCompletionRequest, template: str | None, parser_name: str 
     if choice == "none":
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools]
-    names = [tool.function.name for tool in req.tools]
+    forced = _forced_function(req, choice, [tool.function.name for tool in req.tools])
+    parallel = req.parallel_tool_calls is not False
+    described = not template_knows_tools(template)
+    if forced is None:
+        name = "hermes" if described else parser_name or parser_for_template(template)
+        return ToolUse(tools, PARSERS[name](), None, described, parallel)
+    function = None if forced == "required" else forced
+    try:
+        structured = StructuredOutputs(json=forced_schema(tools, function, parallel))
+    except ParamError as exc:  # the functions' schemas together are over the size a spec may have
+        raise ApiError(400, f"the tools' parameters cannot constrain a call: {exc}", "invalid_request", "tools") from exc
+    return ToolUse(tools, forced_parser(function), structured, described, parallel)
+
+
+def _forced_function(req: ChatCompletionRequest, choice, names: list[str]) -> str | None:
+    """What tool_choice forces: "required", a function's name, or None (auto); a 400 for a choice that cannot be
+    met."""
+    if len(set(names)) < len(names):
+        raise ApiError(400, "tools has two functions of the same name", "invalid_request", "tools")
     forced = None if choice == "auto" else choice if choice == "required" else choice.function.name
     if forced is not None and not names:
         raise ApiError(400, f"tool_choice {forced!r} needs at least one function in tools", "invalid_request",
@@ -42,26 +60,22 @@ def tool_use(req: ChatCompletionRequest, template: str | None, parser_name: str 
     if forced is not None and req.constrains_output:
         raise ApiError(400, f"{req.structured_field} cannot be combined with tool_choice {forced!r}, which constrains "
                             "the output itself", "invalid_request", req.structured_field)
-    parallel = req.parallel_tool_calls is not False
-    described = not template_knows_tools(template or "")
-    if forced is not None:
-        schema = forced_schema(tools, None if forced == "required" else forced, parallel)
-        return ToolUse(tools, forced_parser(None if forced == "required" else forced),
-                       StructuredOutputs(json=schema), described, parallel)
-    name = "hermes" if described else parser_name or parser_for_template(template)
-    return ToolUse(tools, PARSERS[name](), None, described, parallel)
+    return forced
 
 
-def template_messages(messages: list[TextMessage | AssistantMessage | ToolMessage], use: ToolUse | None) -> list[dict]:
-    """The conversation as templates take it: an assistant's calls with their arguments as mappings, a tool
-    message with the name of the function it answers. For a template that knows no tools, calls and results become
-    Hermes text, and a system message describes the tools."""
+def template_messages(messages: list[TextMessage | AssistantMessage | ToolMessage], template: str | None,
+                      use: ToolUse | None) -> list[dict]:
+    """The conversation as `template` takes it: an assistant's calls with their arguments as mappings, a tool message
+    with the name of the function it answers. A template that knows no tools gets calls and results as Hermes text
+    (whether this turn sends tools or not), and a system message that describes the tools this turn sends."""
     called = {call.id: call.function.name
               for m in messages if isinstance(m, AssistantMessage) for call in m.tool_calls or ()}
     rendered = [_for_template(i, m, called) for i, m in enumerate(messages)]
-    if use is None or not use.described:
+    if template_knows_tools(template):
         return rendered
     rendered = [_as_hermes_text(m) for m in rendered]
+    if use is None:
+        return rendered
     description = tools_system_prompt(use.tools)
     if rendered[0]["role"] == "system":
         return [{**rendered[0], "content": f"{rendered[0]['content']}\n\n{description}"}, *rendered[1:]]
@@ -122,9 +136,10 @@ def assistant_message(text: str, use: ToolUse | None) -> dict:
     return message
 
 
-def finish_reason(reason: str | None, called: bool) -> str | None:
-    """OpenAI's `tool_calls` for an answer that ended with calls; one cut short keeps its `length`."""
-    return "tool_calls" if called and reason == "stop" else reason
+def finish_reason(reason: str | None, called: bool, stop_reason: int | str | None) -> str | None:
+    """OpenAI's `tool_calls` for an answer that ended with calls; one cut short (by max_tokens, a stop string or a
+    stop token) keeps its reason."""
+    return "tool_calls" if called and reason == "stop" and stop_reason is None else reason
 
 
 class StreamedCalls:

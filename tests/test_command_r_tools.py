@@ -52,6 +52,7 @@ def _expected_prompt_tokens(folder, name: str, **variables) -> int:
     ("rag", {"extra_body": {"documents": DOCUMENTS}}, {"documents": DOCUMENTS}),
     ("rag", {"extra_body": {"documents": DOCUMENTS, "chat_template_kwargs": {"citation_mode": "fast"}}},
      {"documents": DOCUMENTS, "extra": {"citation_mode": "fast"}}),
+    ("rag", {"extra_body": {"chat_template_kwargs": {"documents": DOCUMENTS}}}, {"documents": DOCUMENTS}),
 ])
 def test_each_request_renders_its_named_template(client, folder, name, fields, variables):
     out = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, temperature=0, **fields)

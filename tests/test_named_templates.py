@@ -95,7 +95,7 @@ def test_kwargs_cannot_set_tools_or_documents(name):
 
 
 def _conversation(*messages: dict) -> list[dict]:
-    return template_messages([chat_message(m) for m in messages], None)
+    return template_messages([chat_message(m) for m in messages], load_template("command-r-tool_use"), None)
 
 
 def test_tool_call_arguments_become_mappings():

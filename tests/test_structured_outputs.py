@@ -83,15 +83,42 @@ def test_specs_that_do_not_compile_are_refused_and_hold_nothing(llm):
     engine = llm.engine
     for spec in (StructuredOutputs(json={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}),
                  StructuredOutputs(json='{"type": "object"'), StructuredOutputs(regex="(unclosed"),
-                 StructuredOutputs(grammar="start: undefined_rule")):
+                 StructuredOutputs(grammar="start: undefined_rule"),
+                 # GBNF the converter refuses, each with an exception of another kind
+                 StructuredOutputs(grammar='root ::= "a'), StructuredOutputs(grammar='x ::= "a"'),
+                 StructuredOutputs(grammar='root ::= "\\')):
         with pytest.raises(RequestRefused) as refused:
             llm.generate("Hi", _constrained(spec))
         assert refused.value.what == "structured_outputs"
     assert not engine.has_unfinished_requests() and engine.pool.num_free == engine.pool.num_blocks
 
 
+def test_the_grammar_wins_over_controls_that_leave_it_no_token(llm):
+    """allowed_token_ids or bad_words against the grammar, min_tokens barring the EOS that is all a complete grammar
+    allows: the output still matches its spec, and ends as it would without them."""
+    x = llm.get_tokenizer().encode("x", add_special_tokens=False)
+    cases = [(StructuredOutputs(regex="[0-9]{3}"), dict(allowed_token_ids=x), r"[0-9]{3}"),
+             (StructuredOutputs(choice=["yes"]), dict(bad_words=["yes"]), "yes"),
+             (StructuredOutputs(regex="ok"), dict(min_tokens=4), "ok")]
+    outs = llm.generate(["Count:"] * len(cases), [_constrained(spec, max_tokens=8, **kw) for spec, kw, _ in cases])
+    for (_, _, pattern), out in zip(cases, outs):
+        assert out.outputs[0].finish_reason == "stop" and re.fullmatch(pattern, out.outputs[0].text)
+
+
+def test_json_whitespace_can_be_ruled_out_or_set(llm):
+    prompt = chat_prompt("Give a person's name and age as a JSON object.")
+    compact, spaced = llm.generate([prompt] * 2, [
+        _constrained(StructuredOutputs(json=REVIEW, disable_any_whitespace=True)),
+        _constrained(StructuredOutputs(json=REVIEW, whitespace_pattern=" ?"))])
+    value = json.loads(compact.outputs[0].text)
+    assert compact.outputs[0].text == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert not re.search(r"[\n\t]|  ", spaced.outputs[0].text)  # REVIEW has no strings: no two spaces anywhere
+    jsonschema.validate(json.loads(spaced.outputs[0].text), REVIEW)
+
+
 @pytest.mark.parametrize("fields", [{}, {"json": {}, "regex": "a"}, {"choice": []}, {"regex": ""},
-                                    {"json": {"x": {1, 2}}}])
+                                    {"json": {"x": {1, 2}}}, {"regex": "a", "disable_any_whitespace": True},
+                                    {"json": {}, "whitespace_pattern": ""}])
 def test_specs_are_one_valid_field(fields):
     with pytest.raises(ParamError) as error:
         StructuredOutputs(**fields)
@@ -103,4 +130,5 @@ def test_grammars_compile_once_per_spec(llm):
     first = grammars.compile(StructuredOutputs(json={"type": "object", "properties": {"b": {}, "a": {}}}))
     # the same schema with its keys in another order is the same spec
     assert grammars.compile(StructuredOutputs(json={"properties": {"a": {}, "b": {}}, "type": "object"})) is first
-    assert grammars.matcher(StructuredOutputs(json={"type": "object", "properties": {"b": {}, "a": {}}})) is not first
+    copies = grammars.matchers(StructuredOutputs(json={"type": "object", "properties": {"b": {}, "a": {}}}), 2)
+    assert first not in copies and copies[0] is not copies[1]

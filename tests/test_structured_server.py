@@ -138,6 +138,24 @@ def test_a_follow_up_turn_with_the_tool_result_runs(client):
     assert answer.usage.prompt_tokens > first.usage.prompt_tokens
 
 
+def test_a_turn_without_tools_renders_earlier_calls_and_results(client):
+    """The default model's template knows no tools: earlier calls and results are Hermes text whether this turn
+    sends tools or not."""
+    conversation = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        out = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=4, **extra)
+        assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_forced_call_cut_by_a_stop_string_is_no_call(client):
+    choice = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=60, temperature=0,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stop=["Paris"]).choices[0]
+    assert choice.finish_reason == "stop"
+
+
 def test_tools_reach_the_prompt_unless_tool_choice_is_none(client):
     """The default model's template knows no tools: a system message describes them. `none` sends none."""
     def prompt_tokens(**extra) -> int:
@@ -173,6 +191,8 @@ BAD_ARGUMENTS = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
     ("completions", {"structured_outputs": {"json": BAD_SCHEMA}}, "structured_outputs"),
     ("completions", {"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
     ("chat", {"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {"grammar": 'root ::= "a'}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {"regex": "a", "disable_any_whitespace": True}}, "structured_outputs"),
     ("chat", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ("chat", {"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),
@@ -185,6 +205,11 @@ BAD_ARGUMENTS = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
               "tool_choice": "required"}, "tools"),
     ("chat", {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
      "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),
+    ("chat", {"tools": [WEATHER, WEATHER]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {
+        "type": "object", "description": "x" * 20_000}}} for i in range(64)], "tool_choice": "required"}, "tools"),
     ("chat", {"messages": NO_ID}, "messages.2.tool_call_id"),
     ("chat", {"messages": BAD_ARGUMENTS}, "messages.1.tool_calls.0.function.arguments"),
     ("chat", {"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
