@@ -9,11 +9,12 @@ A call's `arguments` is always the model's own JSON text of the arguments object
 tokens removed: compact like OpenAI's, faithful to what the model wrote (key order, number spelling, escapes), and
 computable as the text arrives, which `forced` needs to stream arguments as they are generated.
 """
-import json
-import re
 import uuid
 from dataclasses import dataclass, replace
 from typing import Callable
+
+from server.partial_json import (NeedMore, NotACall, ObjectCursor, compact, element_starts, expect, member_spans,
+                                 next_token, read_json, read_string, resume, skip_whitespace)
 
 
 @dataclass(frozen=True)
@@ -44,159 +45,6 @@ class StreamDelta:
     calls: tuple[CallDelta, ...] = ()
 
 
-# --- JSON text: reading it as it arrives ---
-
-# A reader is a generator over the growing text of a streamer (`src.text`): it yields while the text so far ends
-# inside what it reads, raises _NotACall when the text cannot be that, and returns what it read. It keeps its place
-# between feeds, so each character is scanned once however the text is chunked. (No reader holds the text in a local
-# across a yield: ToolStreamer.feed grows it in place only while nothing else refers to it.)
-
-_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
-# A string's characters after its opening quote, up to its closing quote, the end of the text, or a final backslash.
-_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)
-# What JSON has outside strings but brackets: punctuation, literals (loosely: the decoder judges them), whitespace
-# (JSON's four characters, not Unicode's).
-_BETWEEN = re.compile(r"[:,\-+.0-9A-Za-z \t\n\r]*")
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_STRING_OR_WHITESPACE = re.compile(f"({_STRING})|[ \\t\\n\\r]+", re.S)
-
-
-class _NotACall(Exception):
-    """The text cannot be the expected form, whatever follows it."""
-
-
-class _NeedMore(Exception):
-    """The text ends inside what may still become the expected form."""
-
-
-def _refuse(constant: str):
-    """Python's decoder takes NaN and Infinity, which are not JSON (a client's parser would refuse the arguments)."""
-    raise ValueError(constant)
-
-
-_DECODER = json.JSONDecoder(parse_constant=_refuse)
-
-
-def _skip_whitespace(text: str, pos: int) -> int:
-    return _WHITESPACE.match(text, pos).end()
-
-
-def _next_token(src, pos: int):
-    """Reader: where the next character but whitespace is."""
-    while (pos := _skip_whitespace(src.text, pos)) == len(src.text):
-        yield
-    return pos
-
-
-def _expect(src, pos: int, literal: str):
-    """Reader: the position after `literal`, which must come next after whitespace."""
-    pos = yield from _next_token(src, pos)
-    while not src.text.startswith(literal, pos):
-        if not literal.startswith(src.text[pos:pos + len(literal)]):
-            raise _NotACall
-        yield
-    return pos + len(literal)
-
-
-def _string_end(src, start: int):
-    """Reader: the position just past the JSON string that opens at src.text[start]."""
-    pos = start + 1
-    while True:
-        pos = _STRING_BODY.match(src.text, pos).end()
-        if src.text[pos:pos + 1] == '"':
-            return pos + 1
-        yield
-
-
-def _container_end(src, start: int):
-    """Reader: the position just past the JSON object or array that opens at src.text[start]."""
-    closers, pos = [], start
-    while True:
-        pos = _BETWEEN.match(src.text, pos).end()
-        if pos == len(src.text):
-            yield
-            continue
-        char = src.text[pos]
-        if char == '"':
-            pos = yield from _string_end(src, pos)
-            continue
-        pos += 1
-        if char in "{[":
-            closers.append("}" if char == "{" else "]")
-        elif char not in "}]" or char != closers.pop():  # a character no JSON has outside strings, or a mismatch
-            raise _NotACall
-        elif not closers:
-            return pos
-
-
-def _read_json(src, pos: int, opener: str):
-    """Reader: the JSON object or array (by its `opener`) that must come next after whitespace: (value, start, end)."""
-    start = yield from _next_token(src, pos)
-    if src.text[start] != opener:
-        raise _NotACall
-    end = yield from _container_end(src, start)
-    try:
-        return _DECODER.decode(src.text[start:end]), start, end
-    except ValueError:
-        raise _NotACall from None
-
-
-def _value_end(text: str, start: int) -> int:
-    """Where the (valid) JSON value at text[start] ends."""
-    return _DECODER.raw_decode(text, start)[1]
-
-
-def _member_spans(text: str, start: int) -> dict[str, tuple[int, int]]:
-    """Each member's value's (start, end) in the valid JSON object at text[start]; a repeated key keeps its last
-    value, as the decoder does."""
-    spans, pos = {}, _skip_whitespace(text, start + 1)
-    while text[pos] == '"':
-        key, key_end = _DECODER.raw_decode(text, pos)
-        value_start = _skip_whitespace(text, _skip_whitespace(text, key_end) + 1)  # past the ":"
-        value_end = _value_end(text, value_start)
-        spans[key] = (value_start, value_end)
-        pos = _skip_whitespace(text, value_end)
-        if text[pos] == ",":
-            pos = _skip_whitespace(text, pos + 1)
-    return spans
-
-
-def _element_starts(text: str, start: int) -> list[int]:
-    """Where each element begins in the valid JSON array at text[start]."""
-    starts, pos = [], _skip_whitespace(text, start + 1)
-    while text[pos] != "]":
-        starts.append(pos)
-        pos = _skip_whitespace(text, _value_end(text, pos))
-        if text[pos] == ",":
-            pos = _skip_whitespace(text, pos + 1)
-    return starts
-
-
-def _compact(json_text: str) -> str:
-    """Valid JSON text without the whitespace between its tokens."""
-    return _STRING_OR_WHITESPACE.sub(lambda m: m.group(1) or "", json_text)
-
-
-def _call(obj: object, text: str, start: int, name_key: str, arguments_keys: tuple[str, ...]) -> tuple[str, str]:
-    """(name, arguments) of a decoded call object whose text begins at text[start]."""
-    if not isinstance(obj, dict) or not isinstance(obj.get(name_key), str):
-        raise _NotACall
-    key = next((k for k in arguments_keys if k in obj), None)
-    if key is None or not isinstance(obj[key], dict):
-        raise _NotACall
-    value_start, value_end = _member_spans(text, start)[key]
-    return obj[name_key], _compact(text[value_start:value_end])
-
-
-def _resume(reader, final: bool):
-    """Run a reader on the text so far: its result; _NeedMore while it waits for more, _NotACall if none will come."""
-    try:
-        next(reader)
-    except StopIteration as done:
-        return done.value
-    raise _NotACall if final else _NeedMore
-
-
 # --- Streaming ---
 
 class ToolStreamer:
@@ -213,11 +61,7 @@ class ToolStreamer:
 
     def feed(self, text: str) -> StreamDelta:
         """`text`: the new text since the last feed."""
-        # `self.text += text` would copy the whole text at every feed: CPython appends in place only to a string that
-        # a local name alone refers to.
-        whole, self.text = self.text, ""
-        whole += text
-        self.text = whole
+        self.text += text
         self._advance(final=False)
         return self._take()
 
@@ -298,10 +142,10 @@ class _BlockStreamer(ToolStreamer):
                 self._content_until(start)
                 self._block = self._read_block(self, start)
             try:
-                calls, end = _resume(self._block, final)
-            except _NeedMore:
+                calls, end = resume(self._block, final)
+            except NeedMore:
                 return
-            except _NotACall:
+            except NotACall:
                 self._content_until(self.pos + len(self._marker))  # the marker is text; look for the next one
             else:
                 self._add_calls(calls)
@@ -322,17 +166,30 @@ class _Llama3JsonStreamer(ToolStreamer):
         if not self._is_content:
             try:
                 calls = next(self._reader)
-            except _NotACall:
-                calls = None
+            except NotACall:
+                self._is_content = True
             else:
                 if not final:
                     return
-            if calls is not None:  # the end, and the text is calls
-                self._add_calls(calls)
-                self.pos = len(self.text)
-                return
-            self._is_content = True
+                if calls is not None:
+                    self._add_calls(calls)
+                    self.pos = len(self.text)
+                    return
+                self._is_content = True  # the text ends inside a call
         self._content_until(len(self.text))
+
+
+# --- The formats' calls, read as JSON text (readers: server/partial_json.py) ---
+
+def _call(obj: object, text: str, start: int, name_key: str, arguments_keys: tuple[str, ...]) -> tuple[str, str]:
+    """(name, arguments) of a decoded call object whose text begins at text[start]."""
+    if not isinstance(obj, dict) or not isinstance(obj.get(name_key), str):
+        raise NotACall
+    key = next((k for k in arguments_keys if k in obj), None)
+    if key is None or not isinstance(obj[key], dict):
+        raise NotACall
+    value_start, value_end = member_spans(text, start)[key]
+    return obj[name_key], compact(text[value_start:value_end])
 
 
 # --- hermes: <tool_call>{"name": ..., "arguments": {...}}</tool_call> ---
@@ -341,90 +198,54 @@ _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def _read_hermes_block(src, start: int):
-    obj, begin, end = yield from _read_json(src, start + len(_HERMES_OPEN), "{")
+    obj, begin, end = yield from read_json(src, start + len(_HERMES_OPEN), "{")
     call = _call(obj, src.text, begin, "name", ("arguments", "parameters"))
-    return [call], (yield from _expect(src, end, _HERMES_CLOSE))
+    return [call], (yield from expect(src, end, _HERMES_CLOSE))
 
 
 # --- llama3_json: the message is {"name": ..., "parameters": {...}}, optionally after <|python_tag|>, ";"-separated ---
 
-_PYTHON_TAG = "<|python_tag|>"
+PYTHON_TAG = "<|python_tag|>"
 
 
 def _read_llama3_calls(src):
     """Reader that never returns: yields the calls when the text so far is calls, None while it ends inside one."""
     try:
-        pos = yield from _expect(src, 0, _PYTHON_TAG)
-    except _NotACall:
+        pos = yield from expect(src, 0, PYTHON_TAG)
+    except NotACall:
         pos = 0
     calls = []
     while True:
-        obj, begin, end = yield from _read_json(src, pos, "{")
+        obj, begin, end = yield from read_json(src, pos, "{")
         calls.append(_call(obj, src.text, begin, "name", ("parameters", "arguments")))
-        pos = _skip_whitespace(src.text, end)
+        pos = skip_whitespace(src.text, end)
         while pos == len(src.text):  # calls so far; more may follow, or text that makes it all content
             yield calls
-            pos = _skip_whitespace(src.text, pos)
+            pos = skip_whitespace(src.text, pos)
         if src.text[pos] != ";":
-            raise _NotACall
+            raise NotACall
         pos += 1
 
 
 # --- command-r: Action: ```json [{"tool_name": ..., "parameters": {...}}, ...] ``` ---
 
-_ACTION = "Action:"
+ACTION = "Action:"
 # "No tool": the template tells the model to use `directly-answer`; Cohere's tool itself is `directly_answer`.
 _DIRECTLY_ANSWER = ("directly_answer", "directly-answer")
 
 
 def _read_action_block(src, start: int):
-    fence = yield from _expect(src, start + len(_ACTION), "```json")
-    items, begin, end = yield from _read_json(src, fence, "[")
+    fence = yield from expect(src, start + len(ACTION), "```json")
+    items, begin, end = yield from read_json(src, fence, "[")
     calls = [_call(item, src.text, item_start, "tool_name", ("parameters",))
-             for item, item_start in zip(items, _element_starts(src.text, begin))]
-    return [call for call in calls if call[0] not in _DIRECTLY_ANSWER], (yield from _expect(src, end, "```"))
+             for item, item_start in zip(items, element_starts(src.text, begin))]
+    return [call for call in calls if call[0] not in _DIRECTLY_ANSWER], (yield from expect(src, end, "```"))
 
 
 # --- forced: grammar-constrained output for tool_choice "required" or a named function ---
 
 # The grammar (llguidance) writes an object's properties in the schema's order and allows whitespace between tokens.
 # A `required` output is [{"name": <name>, "parameters": <arguments>}, ...]; a named function's, its arguments.
-
-
-class _ObjectCursor:
-    """Follows one JSON object character by character as it arrives: where it ends, and its text without the
-    whitespace between tokens."""
-
-    def __init__(self):
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-        self.done = False
-
-    def take(self, text: str, pos: int) -> tuple[str, int]:
-        """The object's compacted text from text[pos:] and the position after what was read."""
-        kept = []
-        while pos < len(text) and not self.done:
-            char = text[pos]
-            pos += 1
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char in " \t\n\r":
-                continue
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                self.done = self.depth == 0
-            kept.append(char)
-        return "".join(kept), pos
 
 
 class _ForcedStreamer(ToolStreamer):
@@ -442,10 +263,10 @@ class _ForcedStreamer(ToolStreamer):
         if not self._derailed:
             try:
                 next(self._reader)
-            except _NotACall:
+            except NotACall:
                 self._derailed = True
             else:  # at the end, a step begun but unfinished (a name or punctuation cut short) leaves the shape
-                self._derailed = final and _skip_whitespace(self.text, self.pos) < len(self.text)
+                self._derailed = final and skip_whitespace(self.text, self.pos) < len(self.text)
         if self._derailed:
             self._content_until(len(self.text))
 
@@ -458,42 +279,30 @@ class _ForcedStreamer(ToolStreamer):
             yield from self._read_literals("[")
             while True:
                 yield from self._read_literals("{", '"name"', ":")
-                name = yield from self._read_name()
+                name, self.pos = yield from read_string(self, self.pos)
                 yield from self._read_literals(",", '"parameters"', ":")
                 yield from self._read_arguments(name)
                 yield from self._read_literals("}")
-                after = yield from _next_token(self, self.pos)
+                after = yield from next_token(self, self.pos)
                 if self.text[after] not in ",]":
-                    raise _NotACall
+                    raise NotACall
                 self.pos = after + 1
                 if self.text[after] == "]":
                     break
-        yield from _next_token(self, self.pos)
-        raise _NotACall
+        yield from next_token(self, self.pos)
+        raise NotACall
 
     def _read_literals(self, *literals: str):
         for literal in literals:
-            self.pos = yield from _expect(self, self.pos, literal)
-
-    def _read_name(self):
-        start = yield from _next_token(self, self.pos)
-        if self.text[start] != '"':
-            raise _NotACall
-        end = yield from _string_end(self, start)
-        try:
-            name = _DECODER.decode(self.text[start:end])
-        except ValueError:  # a bad escape
-            raise _NotACall from None
-        self.pos = end
-        return name
+            self.pos = yield from expect(self, self.pos, literal)
 
     def _read_arguments(self, name: str):
         """Stream the arguments object of a call to `name`, which must come next."""
-        start = yield from _next_token(self, self.pos)
+        start = yield from next_token(self, self.pos)
         if self.text[start] != "{":
-            raise _NotACall
+            raise NotACall
         self._start_call(name)
-        cursor, self.pos = _ObjectCursor(), start
+        cursor, self.pos = ObjectCursor(), start
         while True:
             fragment, self.pos = cursor.take(self.text, self.pos)
             self._add_arguments(fragment)
@@ -527,7 +336,7 @@ class Llama3JsonParser(ToolParser):
 
 class CommandRParser(ToolParser):
     def streamer(self) -> ToolStreamer:
-        return _BlockStreamer(_ACTION, _read_action_block)
+        return _BlockStreamer(ACTION, _read_action_block)
 
 
 class ForcedParser(ToolParser):
@@ -557,64 +366,3 @@ def _assemble(deltas: list[StreamDelta]) -> Parsed:
         calls[call.index][2] += call.arguments
     # A streamer releases no content that is only whitespace: "" is the None case.
     return Parsed(content or None, [ToolCall(*calls[index]) for index in sorted(calls)])
-
-
-# --- Choosing a format, and what the model is told ---
-
-# A Jinja tag ({{ }} or {% %}) with the string literals in it, which may hold "}}" or "%}".
-_JINJA_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
-_JINJA_TAG = re.compile(r"\{[{%]((?:" + _JINJA_STRING + r"|[^'\"])*?)[%}]\}", re.S)
-
-
-def parser_for_template(template: str | None) -> str:
-    """The format a chat template's model writes its calls in; "hermes" (ours, with tools_system_prompt) when the
-    template shows none."""
-    if template is None:
-        return "hermes"
-    if _ACTION in template and "tool_name" in template:
-        return "command-r"
-    if _PYTHON_TAG in template or ("<|start_header_id|>" in template
-                                   and ("ipython" in template or '"parameters"' in template)):
-        return "llama3_json"
-    return "hermes"
-
-
-def template_knows_tools(template: str | None) -> bool:
-    """Whether the template's code reads the `tools` variable (words in its text do not count): if not, the
-    request's tools reach the model only through tools_system_prompt."""
-    if template is None:
-        return False
-    return any(re.search(r"\btools\b", re.sub(_JINJA_STRING, "", tag.group(1)))
-               for tag in _JINJA_TAG.finditer(template))
-
-
-def tools_system_prompt(tools: list[dict]) -> str:
-    """A system message that describes OpenAI-style tools to a model whose template knows none, asking for calls
-    in the hermes format."""
-    signatures = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
-    return ("You can call functions to help you answer. Each function is described by its JSON signature:\n"
-            f"<tools>\n{signatures}\n</tools>\n\n"
-            "To call a function, write a JSON object with its name and arguments inside <tool_call></tool_call> "
-            "tags:\n"
-            '<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>\n'
-            "For several calls, write one block per call. If no function is needed, answer directly, without "
-            "<tool_call> tags.")
-
-
-def forced_schema(tools: list[dict], function_name: str | None, parallel: bool) -> dict:
-    """The JSON schema that grammar-constrained decoding holds the output to when `tool_choice` names a function
-    (`function_name`, one of the tools') or is "required" (None): what forced_parser(function_name) reads."""
-    functions = [tool["function"] for tool in tools]
-    if function_name is not None:
-        return next(_parameters(f) for f in functions if f["name"] == function_name)
-    calls = [{"type": "object",
-              "properties": {"name": {"const": f["name"]}, "parameters": _parameters(f)},
-              "required": ["name", "parameters"], "additionalProperties": False} for f in functions]
-    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
-
-
-def _parameters(function: dict) -> dict:
-    return function.get("parameters") or {"type": "object"}

@@ -5,13 +5,13 @@ does not parse stays content). `required` and a named function constrain decodin
 (`forced_schema`), so that they always parse and their arguments follow the functions' schemas. `none` sends no
 tools. A template that knows no tools gets them described in a system message, in the Hermes format."""
 import json
+import re
 from dataclasses import dataclass
 
 from engine.params import ParamError, StructuredOutputs
 from server.errors import ApiError
 from server.protocol import AssistantMessage, ChatCompletionRequest, TextMessage, ToolMessage
-from server.tool_parsers import (PARSERS, CallDelta, ToolParser, ToolStreamer, forced_parser,
-                                 forced_schema, parser_for_template, template_knows_tools, tools_system_prompt)
+from server.tool_parsers import ACTION, PARSERS, PYTHON_TAG, CallDelta, ToolParser, ToolStreamer, forced_parser
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ def tool_use(req: ChatCompletionRequest, template: str | None, parser_name: str 
     try:
         structured = StructuredOutputs(json=forced_schema(tools, function, parallel))
     except ParamError as exc:  # the functions' schemas together are over the size a spec may have
-        raise ApiError(400, f"the tools' parameters cannot constrain a call: {exc}", "invalid_request", "tools") from exc
+        raise ApiError(400, f"the tools' parameters cannot constrain a call: {exc}", "invalid_request",
+                       "tools") from exc
     return ToolUse(tools, forced_parser(function), structured, described, parallel)
 
 
@@ -164,3 +165,66 @@ def _delta_entry(call: CallDelta) -> dict:
     if call.name is None:
         return {"index": call.index, "function": function}
     return {"index": call.index, "id": call.id, "type": "function", "function": {"name": call.name, **function}}
+
+
+# --- Choosing a format, and what the model is told ---
+
+# A Jinja tag ({{ }} or {% %}) with the string literals in it, which may hold "}}" or "%}".
+_JINJA_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
+_JINJA_TAG = re.compile(r"\{[{%]((?:" + _JINJA_STRING + r"|[^'\"])*?)[%}]\}", re.S)
+
+
+def parser_for_template(template: str | None) -> str:
+    """The format a chat template's model writes its calls in; "hermes" (ours, with tools_system_prompt) when the
+    template shows none."""
+    if template is None:
+        return "hermes"
+    if ACTION in template and "tool_name" in template:
+        return "command-r"
+    if PYTHON_TAG in template or ("<|start_header_id|>" in template
+                                  and ("ipython" in template or '"parameters"' in template)):
+        return "llama3_json"
+    return "hermes"
+
+
+def template_knows_tools(template: str | None) -> bool:
+    """Whether the template's code reads the `tools` variable (words in its text do not count): if not, the
+    request's tools reach the model only through tools_system_prompt."""
+    if template is None:
+        return False
+    return any(re.search(r"\btools\b", re.sub(_JINJA_STRING, "", tag.group(1)))
+               for tag in _JINJA_TAG.finditer(template))
+
+
+def tools_system_prompt(tools: list[dict]) -> str:
+    """A system message that describes OpenAI-style tools to a model whose template knows none, asking for calls
+    in the hermes format."""
+    signatures = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
+    return ("You can call functions to help you answer. Each function is described by its JSON signature:\n"
+            f"<tools>\n{signatures}\n</tools>\n\n"
+            "To call a function, write a JSON object with its name and arguments inside <tool_call></tool_call> "
+            "tags:\n"
+            '<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>\n'
+            "For several calls, write one block per call. If no function is needed, answer directly, without "
+            "<tool_call> tags.")
+
+
+def forced_schema(tools: list[dict], function_name: str | None, parallel: bool) -> dict:
+    """The JSON schema that grammar-constrained decoding holds the output to when `tool_choice` names a function
+    (`function_name`, one of the tools') or is "required" (None): what forced_parser(function_name) reads."""
+    functions = [tool["function"] for tool in tools]
+    if function_name is not None:
+        return next(_parameters(f) for f in functions if f["name"] == function_name)
+    calls = [{"type": "object",
+              "properties": {"name": {"const": f["name"]}, "parameters": _parameters(f)},
+              "required": ["name", "parameters"], "additionalProperties": False} for f in functions]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _parameters(function: dict) -> dict:
+    """The function's parameters schema, always an object's: one without a `type` would let the grammar write the
+    arguments as a string, number, array, null or boolean, which no parser reads as a call."""
+    return {"type": "object", **(function.get("parameters") or {})}

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.tool_parsers import (PARSERS, StreamDelta, forced_parser, forced_schema, parser_for_template,
-                                 template_knows_tools, tools_system_prompt)
+from server import partial_json
+from server.tool_parsers import PARSERS, StreamDelta, forced_parser
+from server.tools import forced_schema, parser_for_template, template_knows_tools, tools_system_prompt
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 CALL_ID = re.compile(r"call_[a-zA-Z0-9]{24}")
@@ -213,6 +214,62 @@ def test_forced_streams_arguments_as_they_arrive():
     assert "".join(c.arguments for c in fragments) == '{"text":"a long string, streamed piece by piece"}'
 
 
+# A 50 KB arguments object: a long string with escapes and the formats' markers, many small values, whitespace.
+BIG_VALUE = {"code": 'print("</tool_call> ```")\n' * 850, "rows": [[i, -i / 4, True, None, "x"] for i in range(550)]}
+BIG_ARGUMENTS, BIG_COMPACT = json.dumps(BIG_VALUE, indent=1), json.dumps(BIG_VALUE, separators=(",", ":"))
+BIG_CALLS = [(PARSERS["hermes"], "Running it.\n" + hermes("run", BIG_ARGUMENTS), "Running it.\n"),
+             (PARSERS["llama3_json"], '{"name": "run", "parameters": ' + BIG_ARGUMENTS + "}", None),
+             (PARSERS["command-r"], action('[{"tool_name": "run", "parameters": ' + BIG_ARGUMENTS + "}]"), None),
+             (lambda: forced_parser("run"), BIG_ARGUMENTS, None),
+             (lambda: forced_parser(None), '[{"name": "run", "parameters": ' + BIG_ARGUMENTS + "}]", None)]
+
+
+class Counting:
+    """Stands in for one of the parsers' compiled patterns or their JSON decoder, adding the characters each call
+    reads to a shared tally."""
+
+    def __init__(self, target, tally: list[int]):
+        self.target, self.tally = target, tally
+
+    def match(self, text, pos):
+        found = self.target.match(text, pos)  # the parsers' patterns match runs, possibly empty: never None
+        self.tally[0] += found.end() - pos + 1  # the run and the character after it
+        return found
+
+    def sub(self, replacement, text):
+        self.tally[0] += len(text)
+        return self.target.sub(replacement, text)
+
+    def decode(self, text):
+        self.tally[0] += len(text)
+        return self.target.decode(text)
+
+    def raw_decode(self, text, pos):
+        value, end = self.target.raw_decode(text, pos)
+        self.tally[0] += end - pos
+        return value, end
+
+
+@pytest.mark.parametrize("make, text, content", BIG_CALLS, ids=[family for family, _, _ in CASES])
+def test_streaming_reads_each_character_a_bounded_number_of_times(monkeypatch, make, text, content):
+    """A streamer keeps its place between feeds: a 50 KB call fed 4 characters at a time is read a few times over
+    in all (scanned, decoded, its arguments located and compacted), not once per feed."""
+    tally = [0]
+    for name in ("_WHITESPACE", "_BETWEEN", "_STRING_BODY", "_STRING_OR_WHITESPACE", "_DECODER"):
+        monkeypatch.setattr(partial_json, name, Counting(getattr(partial_json, name), tally))
+    take = partial_json.ObjectCursor.take
+
+    def counted_take(cursor, text, pos):
+        fragment, end = take(cursor, text, pos)
+        tally[0] += end - pos
+        return fragment, end
+
+    monkeypatch.setattr(partial_json.ObjectCursor, "take", counted_take)
+    chunks = [text[i:i + 4] for i in range(0, len(text), 4)]
+    assert streamed(make(), chunks) == (content, [("run", BIG_COMPACT)])
+    assert len(text) > 50_000 and tally[0] < 8 * len(text)  # ~4 (command-r 5, forced 1); re-read per feed: thousands
+
+
 def test_the_command_r_templates_own_example_of_a_call_parses():
     """The tool-use template renders an assistant's tool call as it tells the model to write one."""
     vectors = json.loads((REFERENCE / "chat_template_vectors.json").read_text())["vectors"]
@@ -281,6 +338,30 @@ def test_forced_outputs_fit_their_schemas():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(json.loads(output), forced_schema(TOOLS, None, parallel=False))
     assert [c.name for c in forced_parser(None).parse(output).calls] == ["get_weather", "now"]
+
+
+UNTYPED = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "string"}}}}}]
+UNTYPED_AS_OBJECT = {"type": "object", "properties": {"a": {"type": "string"}}}
+
+
+def test_forced_schemas_hold_parameters_without_a_type_to_an_object():
+    """Without "type", a schema lets the grammar write a string, number, array, null or boolean: no call."""
+    assert forced_schema(UNTYPED, "f", parallel=True) == UNTYPED_AS_OBJECT
+    required = forced_schema(UNTYPED, None, parallel=True)
+    assert required["items"]["anyOf"][0]["properties"]["parameters"] == UNTYPED_AS_OBJECT
+    assert "type" not in UNTYPED[0]["function"]["parameters"]  # the request's tools are left as they came
+    assert parsed(forced_parser("f"), '{"a": "x"}') == (None, [("f", '{"a":"x"}')])
+    assert parsed(forced_parser(None), '[{"name": "f", "parameters": {"a": "x"}}]') == (None, [("f", '{"a":"x"}')])
+
+
+def test_forced_schemas_without_a_type_admit_only_objects():
+    jsonschema = pytest.importorskip("jsonschema")
+    for value in ("x", 1, [], None, True):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(value, forced_schema(UNTYPED, "f", parallel=True))
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "f", "parameters": value}], forced_schema(UNTYPED, None, parallel=True))
+    jsonschema.validate({"a": "x"}, forced_schema(UNTYPED, "f", parallel=True))
 
 
 PIECES = ['<tool_call>', '</tool_call>', '{', '}', '[', ']', '"', '\\', ':', ',', ';', ' ', '\n', 'a', 'é', '"f"',
