@@ -4,6 +4,7 @@
 does not parse stays content). `required` and a named function constrain decoding to JSON of the calls
 (`forced_schema`), so that they always parse and their arguments follow the functions' schemas. `none` sends no
 tools. A template that knows no tools gets them described in a system message, in the Hermes format."""
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -187,6 +188,7 @@ def parser_for_template(template: str | None) -> str:
     return "hermes"
 
 
+@functools.lru_cache(maxsize=16)  # a server renders a few templates all its life, twice a request with tools
 def template_knows_tools(template: str | None) -> bool:
     """Whether the template's code reads the `tools` variable (words in its text do not count): if not, the
     request's tools reach the model only through tools_system_prompt."""
