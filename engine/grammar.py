@@ -28,7 +28,7 @@ class Grammars:
         self._tokenizer, self._vocab_size = tokenizer, vocab_size
         self._lock = threading.Lock()
         self._llg_tokenizer: llguidance.LLTokenizer | None = None  # built on first use: it takes a quarter second
-        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str, str], llguidance.LLMatcher] = OrderedDict()
 
     def compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
         """The spec's matcher in its start state (the cache's own: copy it to run it); GrammarError if it is not one
@@ -42,7 +42,7 @@ class Grammars:
         # The first mask, computed here on the caller's thread, finds what the library refuses only once it runs (a
         # lexer too complex for its limits), and warms the matcher.
         first = matcher.deep_copy()
-        fill_next_token_bitmask(first, torch.zeros(1, (self._vocab_size + 31) // 32, dtype=torch.int32))
+        fill_next_token_bitmask(first, _bitmask(1, self._vocab_size))
         if matcher.is_error() or first.is_error():
             raise GrammarError(f"the {spec.key[0]} cannot be compiled: {matcher.get_error() or first.get_error()}")
         with self._lock:
@@ -88,7 +88,7 @@ def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[llguidance.L
     computed one row after the other on this thread, a few microseconds a row: with the library's thread pool the
     sampler took 7.1-7.6% of a 64-sequence step's time, one row after the other 5.8-6.1% (2 cores)."""
     vocab = logits.shape[1]
-    bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+    bitmask = _bitmask(len(rows), vocab)
     for i, matcher in enumerate(matchers):
         fill_next_token_bitmask(matcher, bitmask, i)
     # Unpacked a byte at a time (a token's bit is bit t % 8 of byte t // 8 on a little-endian CPU): 3 MB of bytes
@@ -100,6 +100,11 @@ def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[llguidance.L
     else:
         index = torch.tensor(rows, device=logits.device)
         logits[index] = logits[index].masked_fill(barred, float("-inf"))
+
+
+def _bitmask(rows: int, vocab: int) -> torch.Tensor:
+    """Room for the library's masks: a bit a token, 32 to a word."""
+    return torch.zeros(rows, (vocab + 31) // 32, dtype=torch.int32)
 
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
