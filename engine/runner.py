@@ -54,7 +54,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype)
         self.block_size = config.block_size
         self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
-        self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend)
+        self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend,
+                                config.quantization)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
         if self.num_blocks < 1:
             raise ValueError("the KV cache holds no block: give it more memory")

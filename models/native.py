@@ -203,11 +203,55 @@ class LinearKernel:
         return out
 
 
+class QuantizedLinearKernel:
+    """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n] over a weight quantized in
+    blocks of 32 inputs (see `models.quant`), with each row of x quantized per block of 32 to int8: integer dot
+    products (AVX-512 VNNI, AVX-VNNI, AVX2 or plain C, as the machine has), summed over the blocks in float."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._run = library.qlinear
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        library.qlinear_block_bytes.restype = ctypes.c_int64
+        self._bits = {library.qlinear_block_bytes(bits): bits for bits in (8, 4)}
+        library.qlinear_path.restype = ctypes.c_char_p
+        self.path = library.qlinear_path().decode()  # the integer dot products this machine runs
+
+    def bits(self, packed: torch.Tensor) -> int:
+        return self._bits[packed.shape[-1]]
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        k = x.shape[-1]
+        if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.uint8 or packed.dim() != 3 \
+                or packed.shape[:2] != (-(-n // 16), k // 32) or k % 32 or packed.shape[-1] not in self._bits \
+                or not packed.is_contiguous() or (bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu
+                                                                        or bias.shape != (n,) or not bias.is_contiguous())):
+            raise ValueError(f"the quantized linear kernel runs float32 on the CPU over a contiguous weight packed for "
+                             f"{n} outputs of {k} inputs (a multiple of 32); got x {tuple(x.shape)} {x.dtype}, weight "
+                             f"{tuple(packed.shape)} {packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        _raise_for(self._run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), self.bits(packed), n,
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()))
+        return out
+
+
+class _Matrix(ctypes.Structure):
+    """`struct matrix` of llama_layer.c."""
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("bits", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, linear) -> "_Matrix":
+        bits = linear.kernel.bits(linear.weight) if isinstance(linear.kernel, QuantizedLinearKernel) else 32
+        return cls(linear.weight.data_ptr(), None if linear.bias is None else linear.bias.data_ptr(), bits)
+
+
 class _LayerWeights(ctypes.Structure):
     """`struct llama_layer` of llama_layer.c."""
-    _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "post_norm",
-                                                     "gate_up", "gate_up_bias", "down", "down_bias")] \
-        + [("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float)]
+    _fields_ = [("input_norm", ctypes.c_void_p), ("qkv", _Matrix), ("o", _Matrix), ("post_norm", ctypes.c_void_p),
+                ("gate_up", _Matrix), ("down", _Matrix), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("eps", ctypes.c_float)]
 
 
 class LlamaLayerKernel:
@@ -228,18 +272,20 @@ class LlamaLayerKernel:
 
     def bind(self, layer) -> "BoundLlamaLayer":
         attn, mlp = layer.self_attn, layer.mlp
-        tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                   attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                   mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight] \
+            + [t for m in linears for t in (m.weight, m.bias)]
         shapes = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim)
         if shapes != (self.num_heads, self.num_kv_heads, self.head_dim) or not all(
-                t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in tensors) \
-                or any(m.kernel is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+                t is None or (t.dtype in (torch.float32, torch.uint8) and t.is_cpu and t.is_contiguous())
+                for t in tensors) or any(m.kernel is None for m in linears):
             raise ValueError(f"the decoder layer kernel was compiled for (heads, kv heads, head_dim) "
                              f"{(self.num_heads, self.num_kv_heads, self.head_dim)} and takes contiguous float32 "
                              f"CPU weights, the linear ones packed; got {shapes}")
         hidden, intermediate = mlp.down_proj.out_features, mlp.down_proj.in_features
-        weights = _LayerWeights(*(None if t is None else t.data_ptr() for t in tensors), hidden, intermediate,
+        weights = _LayerWeights(layer.input_layernorm.weight.data_ptr(), _Matrix.of(attn.qkv_proj),
+                                _Matrix.of(attn.o_proj), layer.post_attention_layernorm.weight.data_ptr(),
+                                _Matrix.of(mlp.gate_up_proj), _Matrix.of(mlp.down_proj), hidden, intermediate,
                                 layer.input_layernorm.eps)
         return BoundLlamaLayer(self, weights, tensors, attn.attn.scale)
 
@@ -289,6 +335,7 @@ class NativeKernels:
     rms_norm: RMSNormKernel
     silu_mul: SiluMulKernel
     linear: LinearKernel
+    qlinear: QuantizedLinearKernel
     llama_layer: LlamaLayerKernel
 
 
@@ -309,7 +356,7 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeK
     if added := _openmp_runtimes() - before:
         raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
     return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded),
-                         SiluMulKernel(loaded), LinearKernel(loaded),
+                         SiluMulKernel(loaded), LinearKernel(loaded), QuantizedLinearKernel(loaded),
                          LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim))
 
 

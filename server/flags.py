@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="native: decode attention, RMSNorm, linear and Llama decoder layers in C kernels compiled at "
                         "start (float32 on the CPU; auto uses them there when gcc is found); torch: PyTorch operations "
                         "only")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="linear weights in blocks of 32 integers with a scale and offset, run with int8 activations "
+                        "in the native kernels: auto keeps a GGUF's quantized weights so (Q8_0, Q4_0, Q4_1, Q4_K as "
+                        "they are; other types in 8 bits), none runs float32, int8 and int4 quantize every linear "
+                        "weight at load")
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU memory free after loading that the KV cache takes")

@@ -18,6 +18,8 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
             int num_threads);
+int qlinear(const float *x, int64_t m, int64_t k, const uint8_t *packed, int bits, int64_t n, const float *bias,
+            float *out, int num_threads);
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps,
               int num_threads);
 int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *query_starts,

@@ -17,12 +17,29 @@
 #define QKV_SIZE (Q_SIZE + 2 * KV_SIZE)
 #define PARALLEL_ELEMENTS 65536 /* below this many elements an elementwise pass is not worth waking threads */
 
-/* One layer's weights (the linear ones packed for `linear`, biases NULL when absent). */
+/* A linear layer's weight: float32 packed for `linear` (bits 32), or quantized blocks for `qlinear` (8 or 4). */
+struct matrix {
+    const void *weight;
+    const float *bias; /* NULL when absent */
+    int64_t bits;
+};
+
+/* One layer's weights. */
 struct llama_layer {
-    const float *input_norm, *qkv, *qkv_bias, *o, *o_bias, *post_norm, *gate_up, *gate_up_bias, *down, *down_bias;
+    const float *input_norm;
+    struct matrix qkv, o;
+    const float *post_norm;
+    struct matrix gate_up, down;
     int64_t hidden, intermediate;
     float eps;
 };
+
+static int matmul(const struct matrix *w, const float *x, int64_t m, int64_t k, int64_t n, float *out,
+                  int num_threads) {
+    if (w->bits != 32) return qlinear(x, m, k, w->weight, (int)w->bits, n, w->bias, out, num_threads);
+    linear(x, m, k, w->weight, n, w->bias, out, num_threads);
+    return OK;
+}
 
 /* Rotate each (even, odd) pair of `heads` heads by its (cos, sin) in `rotation`, as a complex product. */
 static void rotate(float *x, const float *rotation, int heads) {
@@ -87,19 +104,19 @@ int llama_layer_forward(const struct llama_layer *w, const float *x, float *out,
     float *normed = scratch, *qkv = normed + tokens * hidden, *q = qkv + tokens * QKV_SIZE, *attn = q + tokens * Q_SIZE;
     float *gate_up = attn + tokens * Q_SIZE, *act = gate_up + tokens * 2 * inter;
 
+    int status;
     rms_norm(x, w->input_norm, normed, tokens, hidden, w->eps, num_threads);
-    linear(normed, tokens, hidden, w->qkv, QKV_SIZE, w->qkv_bias, qkv, num_threads);
+    if ((status = matmul(&w->qkv, normed, tokens, hidden, QKV_SIZE, qkv, num_threads))) return status;
     rotate_and_cache(qkv, rotation, slots, q, cache, pool_slots, tokens, num_threads);
-    const int status = paged_decode(q, cache, block_tables, query_starts, context_lens, attn, seqs, tokens, num_blocks,
-                                    block_size, table_width, scale, num_threads);
-    if (status != OK) return status;
-    linear(attn, tokens, Q_SIZE, w->o, hidden, w->o_bias, normed, num_threads);
+    status = paged_decode(q, cache, block_tables, query_starts, context_lens, attn, seqs, tokens, num_blocks,
+                          block_size, table_width, scale, num_threads);
+    if (status || (status = matmul(&w->o, attn, tokens, Q_SIZE, hidden, normed, num_threads))) return status;
     add(out, x, normed, tokens * hidden, num_threads);
 
     rms_norm(out, w->post_norm, normed, tokens, hidden, w->eps, num_threads);
-    linear(normed, tokens, hidden, w->gate_up, 2 * inter, w->gate_up_bias, gate_up, num_threads);
+    if ((status = matmul(&w->gate_up, normed, tokens, hidden, 2 * inter, gate_up, num_threads))) return status;
     silu_mul(gate_up, act, tokens, inter, num_threads);
-    linear(act, tokens, inter, w->down, hidden, w->down_bias, normed, num_threads);
+    if ((status = matmul(&w->down, act, tokens, inter, hidden, normed, num_threads))) return status;
     add(out, out, normed, tokens * hidden, num_threads);
     return OK;
 }

@@ -1,0 +1,82 @@
+"""How far a quantized path is from float32: top-1 agreement of the logits and perplexity, over a fixed text.
+
+    python -m models.quality [--model PATH.gguf] [--quantization auto int8 int4] [--text FILE]
+
+The model reads the whole text in one forward pass per path; each position's logits are compared with the float32
+path's (`--quantization none`): how often their argmax agrees, and the perplexity of the text's next tokens."""
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.attention import AttentionMetadata
+from models.default_model import resolve_model
+from models.loader import load_model
+from models.tokenizer import load_tokenizer
+
+TEXT = Path(__file__).parent / "data" / "quality.txt"  # 1,243 tokens of English prose for SmolLM2's tokenizer
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Quality:
+    agreement: float  # the fraction of positions whose argmax is float32's
+    perplexity: float
+    float32_perplexity: float
+
+    @property
+    def perplexity_change(self) -> float:
+        return self.perplexity / self.float32_perplexity - 1
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    """The logits of every position of `ids`, read as one prompt: [len(ids), vocab]."""
+    cfg, blocks = model.config, -(-len(ids) // BLOCK_SIZE)
+    caches = [torch.zeros(2, blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+    positions = torch.arange(len(ids))
+    meta = AttentionMetadata(query_lens=[len(ids)], context_lens=[len(ids)], num_prefills=1, slot_mapping=positions,
+                             block_tables=torch.arange(blocks)[None], decode_context_lens=torch.tensor([]))
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), positions, caches, meta))
+
+
+def perplexity(scores: torch.Tensor, ids: list[int]) -> float:
+    return math.exp(F.cross_entropy(scores[:-1].double(), torch.tensor(ids[1:])).item())
+
+
+def compare(reference: torch.Tensor, scores: torch.Tensor, ids: list[int]) -> Quality:
+    agreement = (scores.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    return Quality(agreement, perplexity(scores, ids), perplexity(reference, ids))
+
+
+def evaluate(path: str | Path, quantizations: list[str], text: str) -> dict[str, Quality]:
+    ids = load_tokenizer(path).encode(text)
+    cpu = torch.device("cpu")
+    reference = logits(load_model(path, torch.float32, cpu, quantization="none"), ids)
+    return {q: compare(reference, logits(load_model(path, torch.float32, cpu, quantization=q), ids), ids)
+            for q in quantizations}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a .gguf file or checkpoint folder (default: the default model)")
+    parser.add_argument("--quantization", nargs="+", default=["auto", "int8", "int4"])
+    parser.add_argument("--text", type=Path, default=TEXT)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    path = resolve_model(args.model)
+    text = args.text.read_text()
+    results = evaluate(path, args.quantization, text)
+    print(f"{Path(path).name}, {len(load_tokenizer(path).encode(text))} tokens of {args.text.name}, against float32")
+    print(f"{'quantization':<14}{'top-1 agreement':>16}{'perplexity':>24}")
+    for name, quality in results.items():
+        print(f"{name:<14}{quality.agreement:>15.1%} {quality.float32_perplexity:>10.3f} -> {quality.perplexity:.3f} "
+              f"({quality.perplexity_change:+.2%})")
+
+
+if __name__ == "__main__":
+    main()
