@@ -8,7 +8,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     kernel_backend: str = "auto"  # auto | torch | native (the compiled CPU kernels; see models/native.py)
-    quantization: str = "auto"  # auto (a GGUF's quantized weights in their blocks) | none | int8 | int4: models/quant.py
+    quantization: str = "auto"  # auto (a GGUF's quantized weights as they are) | none | int8 | int4: models/quant.py
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory (after loading) for the KV cache

@@ -159,6 +159,10 @@ class SiluMulKernel:
         return out
 
 
+def _bias_fits(bias: torch.Tensor | None, n: int) -> bool:
+    return bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous())
+
+
 class LinearKernel:
     """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n], as F.linear, over a
     weight that `pack` laid out in column panels at load. Every row's outputs are the same bits whatever the
@@ -188,8 +192,7 @@ class LinearKernel:
         k = x.shape[-1]
         if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.float32 or not packed.is_cpu \
                 or packed.shape != (-(-n // self.panel), k, self.panel) or not packed.is_contiguous() \
-                or (bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu or bias.shape != (n,)
-                                          or not bias.is_contiguous())):
+                or not _bias_fits(bias, n):
             raise ValueError(f"the linear kernel runs float32 on the CPU over a contiguous weight packed for {n} "
                              f"outputs of {k} inputs; got x {tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} "
                              f"{packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
@@ -225,11 +228,11 @@ class QuantizedLinearKernel:
         k = x.shape[-1]
         if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.uint8 or packed.dim() != 3 \
                 or packed.shape[:2] != (-(-n // 16), k // 32) or k % 32 or packed.shape[-1] not in self._bits \
-                or not packed.is_contiguous() or (bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu
-                                                                        or bias.shape != (n,) or not bias.is_contiguous())):
+                or not packed.is_contiguous() or not _bias_fits(bias, n):
             raise ValueError(f"the quantized linear kernel runs float32 on the CPU over a contiguous weight packed for "
-                             f"{n} outputs of {k} inputs (a multiple of 32); got x {tuple(x.shape)} {x.dtype}, weight "
-                             f"{tuple(packed.shape)} {packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+                             f"{n} outputs of {k} inputs (a multiple of 32); got x {tuple(x.shape)} {x.dtype}, "
+                             f"weight {tuple(packed.shape)} {packed.dtype}, "
+                             f"bias {None if bias is None else tuple(bias.shape)}")
         x = x.contiguous()
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
         _raise_for(self._run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), self.bits(packed), n,

@@ -17,6 +17,13 @@ def llm(default_model_path):
 
 
 @pytest.fixture(scope="session")
+def llm_float32(default_model_path):
+    """The default model dequantized to float32 (`--quantization none`): what matches transformers' logits."""
+    from engine import LLM
+    return LLM(str(default_model_path), quantization="none")
+
+
+@pytest.fixture(scope="session")
 def hf_model(default_model_path):
     """transformers' own GGUF loading of the same file: the oracle."""
     from transformers import AutoModelForCausalLM

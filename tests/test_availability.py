@@ -85,7 +85,8 @@ def test_huge_requests_are_refused_while_health_and_streams_go_on(url):
     during = [answered - sent for sent, answered in probes if first_sent <= sent <= last_answered]
     assert during, "no /health probe was answered while the big requests were in progress"
     gaps = [b - a for a, b in zip(stamps, stamps[1:]) if first_sent <= b <= last_answered + 1.0]
-    assert len(stamps) == 301 and gaps, "the stream did not run while the big requests were in progress"
+    # A chunk per token, less those held back with a character's first bytes, and the final one.
+    assert len(stamps) > 250 and gaps, "the stream did not run while the big requests were in progress"
     # Generous bounds (all at once, they took up to 1.0 s and 2.3 s here): with the GIL held by tokenization and
     # validation, /health stalled for 11-17 s and the stream 27-32 s.
     assert max(during) < 3.0, f"/health took up to {max(during):.2f} s: {sorted(during)[-5:]}"

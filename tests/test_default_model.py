@@ -12,9 +12,9 @@ def test_file_is_the_pinned_one(default_model_path):
     assert _sha256(default_model_path) == SHA256
 
 
-def test_last_position_logits_match_transformers(default_model_path, hf_model, llm):
-    ids = llm.get_tokenizer().encode(chat_prompt(CHAT_QUESTIONS[0]))
-    ours = load_model(default_model_path, torch.float32, torch.device("cpu"))
+def test_last_position_logits_match_transformers(default_model_path, hf_model, llm_float32):
+    ids = llm_float32.get_tokenizer().encode(chat_prompt(CHAT_QUESTIONS[0]))
+    ours = load_model(default_model_path, torch.float32, torch.device("cpu"), quantization="none")
     got = SingleSequence(ours, len(ids), block_size=16).feed(ids)[-1]
     with torch.inference_mode():
         expected = hf_model(torch.tensor([ids])).logits[0, -1]
@@ -26,10 +26,10 @@ def _margins(logits: torch.Tensor) -> str:
     return f"top-1/top-2 margin {float(top2[0] - top2[1]):.2e}"
 
 
-def test_greedy_until_eos_matches_generate(llm, hf_model):
-    tokenizer = llm.get_tokenizer()
+def test_greedy_until_eos_matches_generate(llm_float32, hf_model):
+    tokenizer = llm_float32.get_tokenizer()
     prompts = [tokenizer.encode(chat_prompt(q)) for q in CHAT_QUESTIONS]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=96))
+    outputs = llm_float32.generate(prompts, SamplingParams(temperature=0, max_tokens=96))
     for ids, out in zip(prompts, outputs):
         with torch.inference_mode():
             hf = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -39,11 +39,11 @@ def test_greedy_until_eos_matches_generate(llm, hf_model):
         assert out.outputs[0].finish_reason == ("stop" if expected[-1] in tokenizer.eos_token_ids else "length")
 
 
-def test_greedy_ignore_eos_matches_argmax_loop(llm, hf_model):
+def test_greedy_ignore_eos_matches_argmax_loop(llm_float32, hf_model):
     """64 tokens with EOS as an ordinary token, against a plain argmax loop over transformers' model."""
-    tokenizer = llm.get_tokenizer()
+    tokenizer = llm_float32.get_tokenizer()
     prompts = [tokenizer.encode(chat_prompt(q)) for q in CHAT_QUESTIONS]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    outputs = llm_float32.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     for ids, out in zip(prompts, outputs):
         expected, margins = [], []
         with torch.inference_mode():

@@ -14,9 +14,9 @@ def small(default_model_path):
 
 
 def test_text_prompt_and_outputs(llm):
-    out = llm.generate(chat_prompt("What is the capital of France?"), GREEDY)[0]
-    assert "Paris" in out.outputs[0].text
-    assert out.prompt_token_ids == llm.get_tokenizer().encode(chat_prompt("What is the capital of France?"))
+    out = llm.generate(chat_prompt("What is the capital of Japan?"), GREEDY)[0]
+    assert "Tokyo" in out.outputs[0].text
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(chat_prompt("What is the capital of Japan?"))
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids[-1] == 2
     m = out.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time

@@ -94,7 +94,7 @@ def test_logits_match_transformers_gguf_loading(hf_model, tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     write_gguf(hf_model, path, qtype)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
-    ours = load_model(path, torch.float32, torch.device("cpu"))
+    ours = load_model(path, torch.float32, torch.device("cpu"), quantization="none")
     ids = list(range(3, 40))
     got = SingleSequence(ours, len(ids)).feed(ids)
     with torch.inference_mode():
@@ -119,7 +119,7 @@ def test_command_r_gguf_matches_transformers(tmp_path):
                 param.copy_(1 + 0.2 * torch.randn_like(param))
     path = tmp_path / "tiny-command-r.gguf"
     write_gguf(hf, path, Q.F32, arch="command-r")
-    ours = load_model(path, torch.float32, torch.device("cpu"))
+    ours = load_model(path, torch.float32, torch.device("cpu"), quantization="none")
     assert ours.config.qk_norm and ours.config.logit_scale == 0.5 and ours.config.tie_word_embeddings
     ids = list(range(3, 40))
     with torch.inference_mode():
@@ -159,5 +159,5 @@ def test_llama3_rope_scaling_from_the_rope_freqs_tensor(tmp_path):
     ids = list(range(3, 40))
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0]
-    ours = load_model(path, torch.float32, torch.device("cpu"))
+    ours = load_model(path, torch.float32, torch.device("cpu"), quantization="none")
     torch.testing.assert_close(SingleSequence(ours, len(ids)).feed(ids), expected, atol=1e-4, rtol=0)

@@ -288,17 +288,17 @@ def test_backend_choice(monkeypatch, caplog):
         pick_kernels("native", cfg, f32, cpu)
 
 
-def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm):
-    """The real model, a batch of mixed lengths decoding together: the kernels (the default on the CPU)
+def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm_float32):
+    """The real model in float32, a batch of mixed lengths decoding together: the kernels (the default on the CPU)
     and the PyTorch path give the same tokens."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = [chat_prompt(q) for q in CHAT_QUESTIONS[:4]]
     torch_path = LLM(str(default_model_path), kernel_backend="torch", block_size=4)
-    layer = llm.engine.runner.model.model.layers[0]
+    layer = llm_float32.engine.runner.model.model.layers[0]
     assert layer.self_attn.attn.decode_kernel is not None and layer.input_layernorm.kernel is not None
-    assert layer.mlp.down_proj.kernel is not None and llm.engine.runner.model.lm_head.kernel is not None
+    assert layer.mlp.down_proj.kernel is not None and llm_float32.engine.runner.model.lm_head.kernel is not None
     assert layer.decode_kernel is not None
     torch_model = torch_path.engine.runner.model
     assert torch_model.model.norm.kernel is None and torch_model.lm_head is None  # tied: the embedding's weight
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == \
+    assert [o.outputs[0].token_ids for o in llm_float32.generate(prompts, params)] == \
         [o.outputs[0].token_ids for o in torch_path.generate(prompts, params)]

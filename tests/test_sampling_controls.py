@@ -30,9 +30,9 @@ def _assert_entry_matches(entry, token: int, expected: torch.Tensor, top: int) -
     assert list(values) == sorted(values, reverse=True)
 
 
-def test_logprobs_of_sampled_tokens_match_transformers(llm, hf_model):
-    prompt = llm.get_tokenizer().encode(chat_prompt(CHAT_QUESTIONS[1]))
-    out = llm.generate(prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=12, logprobs=5))[0].outputs[0]
+def test_logprobs_of_sampled_tokens_match_transformers(llm_float32, hf_model):
+    prompt = llm_float32.get_tokenizer().encode(chat_prompt(CHAT_QUESTIONS[1]))
+    out = llm_float32.generate(prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=12, logprobs=5))[0].outputs[0]
     expected = _hf_logprobs(hf_model, prompt + out.token_ids)[len(prompt) - 1:-1]
     assert len(out.logprobs) == len(out.token_ids) == 12
     for entry, token, row in zip(out.logprobs, out.token_ids, expected):
@@ -47,20 +47,20 @@ def test_logprobs_zero_gives_the_sampled_token_only_and_none_asked_gives_none(ll
     assert plain.outputs[0].logprobs is None and plain.outputs[0].cumulative_logprob is None
 
 
-def test_prompt_logprobs_match_transformers_in_chunks_and_after_the_prompt_was_cached(llm, hf_model):
+def test_prompt_logprobs_match_transformers_in_chunks_and_after_the_prompt_was_cached(llm_float32, hf_model):
     """A prompt longer than the step budget (512) comes in two chunks; it was computed just before, so its blocks
     are cached, yet a request that scores it computes every position."""
     text = " ".join(CHAT_QUESTIONS * 12)
-    prompt = llm.get_tokenizer().encode(text)
+    prompt = llm_float32.get_tokenizer().encode(text)
     assert len(prompt) > 512
-    llm.generate(prompt, SamplingParams(max_tokens=1))
-    out = llm.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    llm_float32.generate(prompt, SamplingParams(max_tokens=1))
+    out = llm_float32.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
     assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     expected = _hf_logprobs(hf_model, prompt)
     for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
         _assert_entry_matches(entry, prompt[position], expected[position - 1], 2)
-    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    assert llm_float32.engine.pool.num_free == llm_float32.engine.pool.num_blocks
 
 
 @torch.inference_mode()
@@ -102,18 +102,19 @@ CONTROLS = {
 }
 
 
-def test_controls_match_their_definitions_for_32_greedy_steps(llm, hf_model):
+def test_controls_match_their_definitions_for_32_greedy_steps(llm_float32, hf_model):
     """Every control in one batch, beside a request with none: each row gets its own."""
-    tokenizer = llm.get_tokenizer()
+    tokenizer = llm_float32.get_tokenizer()
     prompts = [tokenizer.encode(chat_prompt(CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)])) for i in range(len(CONTROLS))]
-    params = [SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, **kwargs) for kwargs in CONTROLS.values()]
-    outputs = llm.generate(prompts + [prompts[0]], params + [SamplingParams(temperature=0, max_tokens=STEPS)])
+    params = [SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, **kwargs)
+              for kwargs in CONTROLS.values()]
+    outputs = llm_float32.generate(prompts + [prompts[0]], params + [SamplingParams(temperature=0, max_tokens=STEPS)])
     for name, prompt, p, out in zip(CONTROLS, prompts, params, outputs):
         bad_words = sorted({tuple(tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
                             for word in p.bad_words or [] for prefix in ("", " ")})
         expected = _reference_greedy(hf_model, prompt, p, bad_words)
         assert out.outputs[0].token_ids == expected, name
-    plain = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=STEPS))[0]
+    plain = llm_float32.generate(prompts[0], SamplingParams(temperature=0, max_tokens=STEPS))[0]
     assert outputs[-1].outputs[0].token_ids == plain.outputs[0].token_ids
 
 

@@ -12,7 +12,7 @@ from tests.helpers import assert_error, assert_idle, faults, metrics, running_se
 
 KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
 
 
 STEP_DELAY = 0.005  # seconds added to each step: 400 tokens take 2 s at least, however fast the machine decodes

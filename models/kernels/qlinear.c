@@ -24,6 +24,10 @@
 #include <immintrin.h>
 #endif
 
+/* Each row's float sums in one order whatever the tile around it: no reassociation (which -ffast-math allows, and
+   which GCC applies differently to tiles of different sizes). */
+#pragma GCC optimize("no-associative-math")
+
 #define QCOLS 16
 #define QBLOCK 32
 #define HEADER (2 * QCOLS * sizeof(float))
