@@ -169,7 +169,7 @@ def test_completion_errors(base_url, body, status, code, param, text):
 
 def test_chat_content_parts_equal_plain_content(client):
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                          {"type": "text", "text": "of France?"}]}]
+                                          {"type": "text", "text": "of Japan?"}]}]
     a = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=12)
     b = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12)
     assert a.choices[0].message.content == b.choices[0].message.content
