@@ -159,10 +159,15 @@ static inline __attribute__((always_inline)) void qtile(const int rows, const in
             acc[i] += d * (__builtin_convertvector(sums[i], vf) * a.scale[at]) + m * a.scaled_sum[at];
         }
     }
+    const vf b = width == QCOLS && bias ? load_floats((const uint8_t *)bias) : (vf){0};
     for (int i = 0; i < rows; i++) {
-        float full[QCOLS];
-        memcpy(full, &acc[i], sizeof full);
-        for (int64_t c = 0; c < width; c++) out[i * out_stride + c] = full[c] + (bias ? bias[c] : 0);
+        float *o = out + i * out_stride;
+        if (width == QCOLS) {  /* one store: a copy loop here became a call to memcpy per row, 11% of a step */
+            const vf sums = acc[i] + b;
+            memcpy(o, &sums, sizeof sums);
+        } else {
+            for (int64_t c = 0; c < width; c++) o[c] = acc[i][c] + (bias ? bias[c] : 0);
+        }
     }
 }
 
