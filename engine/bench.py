@@ -20,6 +20,7 @@ from torch import nn
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
 from models.default_model import resolve_model
+from models.options import QUANTIZATIONS
 
 _TEXT = ("The history of computing is a story of people who wanted to think faster than their tools "
          "allowed. From the abacus to the mechanical calculators of the seventeenth century, from "
@@ -99,6 +100,8 @@ def workload_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                        help="the linear weights ours runs (auto: a quantized GGUF's as they are; none: float32)")
     return parser.parse_args()
 
 
@@ -107,7 +110,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(args.model)
-    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm = LLM(str(path), dtype="float32", device="cpu", quantization=args.quantization)
     hf_args = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     hf = AutoModelForCausalLM.from_pretrained(path.parent if hf_args else path, dtype=torch.float32, **hf_args).eval()
     tokenizer = llm.get_tokenizer()
@@ -116,7 +119,8 @@ def main() -> None:
     run_ours(llm, warm_up, 4)
     run_transformers(hf, warm_up, 4, pad_id)
     print(f"model {Path(path).name}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens each (ignore_eos), float32 on the CPU")
+          f"{args.new_tokens} new tokens each (ignore_eos), on the CPU, ours with --quantization {args.quantization}, "
+          f"transformers in float32")
     print(f"{'case':<12}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}"
           f"{'matmul ceiling':>16}{'its ratio':>10}")
     model = llm.engine.runner.model

@@ -63,7 +63,7 @@ def run(llm: LLM, timer: TimedSampler, prompts: list[list[int]], new_tokens: int
 def main() -> None:
     args = workload_args(__doc__)
     path = resolve_model(args.model)
-    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm = LLM(str(path), dtype="float32", device="cpu", quantization=args.quantization)
     timer = TimedSampler(llm)
     tokenizer = llm.get_tokenizer()
     run(llm, timer, make_prompts(tokenizer, 2, args.prompt_len, tag="warm-up"), 4, CONTROLS)

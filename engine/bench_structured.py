@@ -64,7 +64,7 @@ def compile_times(llm: LLM) -> tuple[float, float, float]:
 def main() -> None:
     args = workload_args(__doc__)
     path = resolve_model(args.model)
-    llm = LLM(str(path), dtype="float32", device="cpu")
+    llm = LLM(str(path), dtype="float32", device="cpu", quantization=args.quantization)
     cold, cached, vocabulary = compile_times(llm)
     print(f"compiling the schema: {cold * 1e3:.2f} ms cold, {cached * 1e3:.3f} ms cached; the vocabulary, once per "
           f"server: {vocabulary * 1e3:.0f} ms")

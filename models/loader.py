@@ -18,6 +18,7 @@ from models.gguf_file import open_gguf
 from models.layers import GatedMLP, Linear, RMSNorm
 from models.llama import LlamaDecoderLayer
 from models.native import NativeKernels, pick_kernels
+from models.options import QUANTIZATIONS
 from models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
     picks (see `models.native.pick_kernels`), with the linear weights `quantization` asks for: `auto` runs a GGUF's
     quantized weights in their blocks, `none` in float32, `int8` and `int4` every linear weight in blocks of that
     many bits (see `models.quant`). Quantized weights need the native kernels."""
-    if quantization not in quant.QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {quant.QUANTIZATIONS}, got {quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     path = Path(path)
     kernels_usable = kernel_backend != "torch" and device.type == "cpu" and dtype == torch.float32
     if quantization in ("int8", "int4") and not kernels_usable:

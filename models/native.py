@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.options import KERNEL_BACKENDS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "native")
 _SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.c"))
 # -ffast-math lets the reductions and exp vectorize. It must not reach the link: gcc would then add
 # crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
@@ -384,8 +384,8 @@ def _openmp_runtimes() -> set[str]:
 def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> NativeKernels | None:
     """The native kernels the model should use, or None for the PyTorch path. `auto`: the native kernels
     for float32 on the CPU when they compile; `native`: those or an error; `torch`: None."""
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     usable = device.type == "cpu" and dtype == torch.float32
     if backend == "native" and not usable:
         raise ValueError(f"the native kernel backend runs float32 on the CPU only, not {dtype} on {device}")

@@ -12,7 +12,6 @@ from gguf import GGMLQuantizationType as GGML
 
 GRID = "weight_grid"
 BLOCK = 32
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
 _GRID_TYPES = {GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1, GGML.Q4_K}
 
 

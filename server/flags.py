@@ -4,6 +4,7 @@ import argparse
 import json
 
 from models.default_model import DEFAULT_MODEL
+from models.options import KERNEL_BACKENDS, QUANTIZATIONS
 from server.config import ServerConfig
 from server.tool_parsers import PARSERS
 
@@ -19,13 +20,6 @@ def json_list(text: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise argparse.ArgumentTypeError(f"not a JSON list of strings, such as '[\"*\"]': {text!r}")
     return tuple(value)
-
-
-def kernel_backend(name: str) -> str:
-    from models.native import BACKENDS  # here, not above: it imports torch, which the health check need not load
-    if name not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(BACKENDS)}, not {name!r}")
-    return name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,11 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--kernel-backend", default="auto", type=kernel_backend,
+    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
                    help="native: decode attention, RMSNorm, linear and Llama decoder layers in C kernels compiled at "
                         "start (float32 on the CPU; auto uses them there when gcc is found); torch: PyTorch operations "
                         "only")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear weights in blocks of 32 integers with a scale and offset, run with int8 activations "
                         "in the native kernels: auto keeps a GGUF's quantized weights so (Q8_0, Q4_0, Q4_1, Q4_K as "
                         "they are; other types in 8 bits), none runs float32, int8 and int4 quantize every linear "

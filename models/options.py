@@ -1,0 +1,4 @@
+"""The choices of the model layer's options, in a module that imports nothing: the server's flags offer them, and
+the Docker health check parses those flags every 30 s without loading torch."""
+KERNEL_BACKENDS = ("auto", "torch", "native")  # see models/native.py
+QUANTIZATIONS = ("auto", "none", "int8", "int4")  # see models/quant.py
