@@ -1,6 +1,9 @@
 /* What the kernels call of each other, the status codes they return (see `models/native.py`) and the vector type
    they share. */
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT, BAD_QUERIES };
 
@@ -15,6 +18,18 @@ enum { OK, OUT_OF_MEMORY, BAD_LENGTH, BAD_BLOCK, BAD_SLOT, BAD_QUERIES };
 typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The calling thread's share [*first, *last) of `count` items in order, split evenly over its team (all of them
+   outside a parallel region, or without OpenMP). */
+static inline void thread_share(int64_t count, int64_t *first, int64_t *last) {
+    int64_t thread = 0, threads = 1;
+#ifdef _OPENMP
+    thread = omp_get_thread_num();
+    threads = omp_get_num_threads();
+#endif
+    *first = count * thread / threads;
+    *last = count * (thread + 1) / threads;
+}
 
 void linear(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *out,
             int num_threads);

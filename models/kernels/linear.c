@@ -9,9 +9,6 @@
 #include <string.h>
 
 #include "kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Rows per tile: 12 rows of 2 vectors keep 24 sums in AVX-512's 32 registers, 6 rows 12 sums in AVX2's 16. Two
    rows of four panels side by side keep 16 sums: AVX-512 only. */
@@ -108,12 +105,8 @@ static void few_rows(const float *x, int64_t m, int64_t k, const float *packed, 
     const int64_t panels = (n + PANEL - 1) / PANEL;
     #pragma omp parallel num_threads(num_threads) if (m * n * k >= 1 << 18)
     {
-        int64_t thread = 0, threads = 1;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-        threads = omp_get_num_threads();
-#endif
-        const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
+        int64_t first, last;
+        thread_share(panels, &first, &last);
         switch (m) {
 #if FEW_ROWS == 4
             case 4: few_rows_run(4, STREAMS / 2, x, k, packed, n, bias, out, first, last); break;

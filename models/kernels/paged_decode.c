@@ -19,9 +19,6 @@
 #include <string.h>
 
 #include "kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define HEADS (KV_HEADS * GROUP)
 #define TOKEN_STRIDE (KV_HEADS * HEAD_DIM)

@@ -17,9 +17,6 @@
 #include <string.h>
 
 #include "kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -208,14 +205,11 @@ int qlinear(const float *x, int64_t m, int64_t k, const uint8_t *packed, int bit
     const int64_t panels = (n + QCOLS - 1) / QCOLS;
     #pragma omp parallel num_threads(num_threads) if (m * n * k >= 1 << 18)
     {
-        int64_t thread = 0, threads = 1;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-        threads = omp_get_num_threads();
-#endif
-        quantize_rows(x, k, a, m * thread / threads, m * (thread + 1) / threads);
+        int64_t first, last;
+        thread_share(m, &first, &last);
+        quantize_rows(x, k, a, first, last);
         #pragma omp barrier
-        const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
+        thread_share(panels, &first, &last);
         if (bits == 8) qpanels(8, a, m, k, packed, n, bias, out, first, last);
         else qpanels(4, a, m, k, packed, n, bias, out, first, last);
     }
