@@ -5,10 +5,11 @@
    llama.cpp's Q8 activations), so that a block's product is an integer dot product:
        Σ w x = d dx Σ u q + m dx Σ q,
    summed over the blocks in float. The integer sums are exact on every path below (AVX-512 VNNI `vpdpbusd`,
-   AVX-VNNI, AVX2 `vpmaddubsw`, plain C), so every path gives the same bits, and each row's arithmetic depends on
-   that row alone (batch invariance, as for `linear.c`).
+   AVX-VNNI, AVX2 `vpmaddubsw`, plain C), so the paths of one build give the same bits (the float sums may round
+   differently where the vector width differs), and each row's arithmetic depends on that row alone (batch
+   invariance, as for `linear.c`).
 
-   The weight is packed at load into panels of QCOLS columns, block by block: the columns' 32 scales, their 32
+   The weight is packed at load into panels of QCOLS columns, block by block: the 16 columns' scales, their
    offsets, then the integers, 4 inputs of the 16 columns after 4 inputs: one 64-byte load is one `vpdpbusd` over
    the panel. 4-bit blocks hold inputs 4g .. 4g + 3 in the low nibbles of group g and 16 + 4g .. in the high ones. */
 #include <math.h>
