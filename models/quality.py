@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from models.attention import AttentionMetadata
 from models.default_model import resolve_model
 from models.loader import load_model
+from models.options import QUANTIZATIONS
 from models.tokenizer import load_tokenizer
 
 TEXT = Path(__file__).parent / "data" / "quality.txt"  # 1,243 tokens of English prose for SmolLM2's tokenizer
@@ -53,8 +54,7 @@ def compare(reference: torch.Tensor, scores: torch.Tensor, ids: list[int]) -> Qu
     return Quality(agreement, perplexity(scores, ids), perplexity(reference, ids))
 
 
-def evaluate(path: str | Path, quantizations: list[str], text: str) -> dict[str, Quality]:
-    ids = load_tokenizer(path).encode(text)
+def evaluate(path: str | Path, quantizations: list[str], ids: list[int]) -> dict[str, Quality]:
     cpu = torch.device("cpu")
     reference = logits(load_model(path, torch.float32, cpu, quantization="none"), ids)
     return {q: compare(reference, logits(load_model(path, torch.float32, cpu, quantization=q), ids), ids)
@@ -64,14 +64,14 @@ def evaluate(path: str | Path, quantizations: list[str], text: str) -> dict[str,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a .gguf file or checkpoint folder (default: the default model)")
-    parser.add_argument("--quantization", nargs="+", default=["auto", "int8", "int4"])
+    parser.add_argument("--quantization", nargs="+", default=["auto", "int8", "int4"], choices=QUANTIZATIONS)
     parser.add_argument("--text", type=Path, default=TEXT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     path = resolve_model(args.model)
-    text = args.text.read_text()
-    results = evaluate(path, args.quantization, text)
-    print(f"{Path(path).name}, {len(load_tokenizer(path).encode(text))} tokens of {args.text.name}, against float32")
+    ids = load_tokenizer(path).encode(args.text.read_text())
+    results = evaluate(path, args.quantization, ids)
+    print(f"{Path(path).name}, {len(ids)} tokens of {args.text.name}, against float32")
     print(f"{'quantization':<14}{'top-1 agreement':>16}{'perplexity':>24}")
     for name, quality in results.items():
         print(f"{name:<14}{quality.agreement:>15.1%} {quality.float32_perplexity:>10.3f} -> {quality.perplexity:.3f} "

@@ -16,6 +16,7 @@ from models import quant
 from models.loader import load_model
 from models.native import compile_kernels
 from models.quality import TEXT, evaluate, logits
+from models.tokenizer import load_tokenizer
 
 needs_compiler = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc")), reason="no C compiler")
 # (rows, outputs, inputs): one row and a few (decode), a tile and a bit, a prompt; outputs that end a panel early.
@@ -128,7 +129,8 @@ def test_the_kernel_refuses_what_it_was_not_packed_for():
 def test_the_default_model_passes_the_quality_gate(default_model_path):
     """Its quantized weights (Q4_1, the head Q8_0) with int8 activations against float32, over 1,243 tokens:
     at least 95% of the top tokens the same, perplexity within 1%."""
-    quality = evaluate(default_model_path, ["auto"], TEXT.read_text())
+    ids = load_tokenizer(default_model_path).encode(TEXT.read_text())
+    quality = evaluate(default_model_path, ["auto"], ids)
     assert quality["auto"].agreement >= 0.95
     assert abs(quality["auto"].perplexity_change) <= 0.01
 
