@@ -5,10 +5,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # checkpoint folder, .gguf file, or None for the default model
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: see `runner.resolve_dtype`
     device: str = "auto"  # auto | cpu | cuda
     kernel_backend: str = "auto"  # auto | torch | native (the compiled CPU kernels; see models/native.py)
     quantization: str = "auto"  # auto (a GGUF's quantized weights as they are) | none | int8 | int4: models/quant.py
+    kv_cache_dtype: str = "auto"  # auto (bfloat16 where dtype resolves to it, else float32) | float32 | bfloat16
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory (after loading) for the KV cache

@@ -10,6 +10,7 @@ from engine.scheduler import ScheduledBatch
 from models.attention import AttentionMetadata, KVCache
 from models.config import DTYPES, ModelConfig
 from models.loader import load_model
+from models.native import bfloat16_features
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +40,48 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """`auto`: float32 on the CPU; on a GPU the checkpoint's dtype, with bfloat16 for float32 ones."""
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype,
+                  kernel_backend: str = "auto") -> torch.dtype:
+    """`auto`: on the CPU bfloat16 linear weights where the CPU multiplies them natively (AMX or AVX-512 BF16) and
+    the native kernels run (activations stay float32), else float32; on a GPU the checkpoint's dtype, with bfloat16
+    for float32 ones."""
+    if name not in (*DTYPES, "auto"):
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        features = bfloat16_features()
+        picked = torch.bfloat16 if features and kernel_backend != "torch" else torch.float32
+        log.warning("dtype auto: %s linear weights (bfloat16 products on this CPU: %s; kernel backend %s)",
+                    str(picked).removeprefix("torch."), features or "none", kernel_backend)
+        return picked
     return torch.bfloat16 if checkpoint_dtype == torch.float32 else checkpoint_dtype
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """`auto`: bfloat16 when the model's dtype is, else float32 (float16 stays float16)."""
+    if name not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return dtype if name == "auto" else DTYPES[name]
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path, checkpoint: ModelConfig):
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype)
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype, config.kernel_backend)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
         self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend,
-                                config.quantization)
+                                config.quantization, self.kv_cache_dtype)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
         if self.num_blocks < 1:
             raise ValueError("the KV cache holds no block: give it more memory")
         shape = (2, self.num_blocks, self.block_size, checkpoint.num_kv_heads, checkpoint.head_dim)
-        self.kv_caches: list[KVCache] = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches: list[KVCache] = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
                                          for _ in range(checkpoint.num_layers)]
         log.warning("KV cache: %d blocks of %d tokens = %d tokens (%s, %s)", self.num_blocks, self.block_size,
-                    self.num_blocks * self.block_size, self.device, self.dtype)
+                    self.num_blocks * self.block_size, self.device, self.kv_cache_dtype)
 
     def _blocks_that_fit(self, config: EngineConfig, checkpoint: ModelConfig) -> int:
         if self.device.type == "cuda":
@@ -71,7 +89,7 @@ class ModelRunner:
             budget = free * config.gpu_memory_utilization
         else:
             budget = config.kv_cache_memory_gib * 2 ** 30
-        bytes_per_block = checkpoint.kv_elements_per_token * self.block_size * self.dtype.itemsize
+        bytes_per_block = checkpoint.kv_elements_per_token * self.block_size * self.kv_cache_dtype.itemsize
         return int(budget // bytes_per_block)
 
     @torch.inference_mode()

@@ -62,8 +62,8 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Returns [tokens, heads * head_dim]."""
         slots = cache.view(2, -1, self.num_kv_heads, self.head_dim)
-        slots[0].index_copy_(0, meta.slot_mapping, k)
-        slots[1].index_copy_(0, meta.slot_mapping, v)
+        slots[0].index_copy_(0, meta.slot_mapping, k.to(cache.dtype))  # the cache may be narrower (bfloat16)
+        slots[1].index_copy_(0, meta.slot_mapping, v.to(cache.dtype))
         if self.decode_kernel is not None:  # every token a query over its own sequence's blocks: batch-invariant
             return self.decode_kernel(q, cache, meta.block_tables, meta.context_lens_tensor, self.scale,
                                       meta.query_starts).flatten(1)
@@ -82,7 +82,7 @@ class PagedAttention(nn.Module):
         query_len = q.shape[0]
         mask, causal = None, True
         if context_len > query_len:  # earlier tokens are in the cache already: read them all from there
-            k, v = _gather(cache, block_table[None], context_len)[:, 0]
+            k, v = _gather(cache, block_table[None], context_len)[:, 0].to(q.dtype)
             offsets = torch.arange(context_len, device=q.device)
             mask = offsets[None, :] <= offsets[context_len - query_len:, None]
             causal = False
@@ -96,7 +96,7 @@ class PagedAttention(nn.Module):
     def _decode(self, q, cache: KVCache, block_tables, mask) -> torch.Tensor:
         """One new token per sequence, batched; the query heads sharing a KV head attend together."""
         batch = q.shape[0]
-        k, v = _gather(cache, block_tables, mask.shape[-1]).transpose(2, 3)  # each [B, kv_heads, S, D]
+        k, v = _gather(cache, block_tables, mask.shape[-1]).to(q.dtype).transpose(2, 3)  # each [B, kv_heads, S, D]
         q = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.reshape(batch, self.num_heads, self.head_dim)

@@ -78,19 +78,21 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kernel_backend: str = "auto",
-               quantization: str = "auto") -> nn.Module:
-    """Build the model for the checkpoint at `path` on `device` in `dtype`, fill its weights, and give its
-    attention, RMSNorm, MLP activation, linear and (Llama) decoder layers the native kernels that `kernel_backend`
-    picks (see `models.native.pick_kernels`), with the linear weights `quantization` asks for: `auto` runs a GGUF's
-    quantized weights in their blocks, `none` in float32, `int8` and `int4` every linear weight in blocks of that
-    many bits (see `models.quant`). Quantized weights need the native kernels."""
+               quantization: str = "auto", kv_cache_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the model for the checkpoint at `path` on `device`, fill its weights, and give its attention, RMSNorm,
+    MLP activation, linear and (Llama) decoder layers the native kernels that `kernel_backend` picks (see
+    `models.native.pick_kernels`), compiled for a KV cache of `kv_cache_dtype`, with the linear weights
+    `quantization` asks for: `auto` runs a GGUF's quantized weights in their blocks, `none` in `dtype`, `int8` and
+    `int4` every linear weight in blocks of that many bits (see `models.quant`). With the native kernels the
+    activations are float32 and `dtype` (float32 or bfloat16) is that of the float linear weights; without them the
+    whole model is in `dtype`. Quantized weights need the native kernels."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     path = Path(path)
-    kernels_usable = kernel_backend != "torch" and device.type == "cpu" and dtype == torch.float32
+    kernels_usable = kernel_backend != "torch" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if quantization in ("int8", "int4") and not kernels_usable:
-        raise ValueError(f"--quantization {quantization} runs in the native kernels: float32 on the CPU, not "
-                         f"{dtype} on {device} with the {kernel_backend} kernel backend")
+        raise ValueError(f"--quantization {quantization} runs in the native kernels: on the CPU with float32 or "
+                         f"bfloat16, not {dtype} on {device} with the {kernel_backend} kernel backend")
     if path.suffix == ".gguf":
         reader = open_gguf(path)
         cfg = _gguf_config(reader)
@@ -100,21 +102,24 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
         cfg = load_config(path)
         cls = model_class(cfg.architecture)
         weights = _iter_safetensors(path)
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to(dtype).to_empty(device=device)  # in `dtype` from the start: no float32 copy on the GPU
-    model.load_weights(weights)
-    kernels = pick_kernels(kernel_backend, cfg, dtype, device)
+    kernels = pick_kernels(kernel_backend, cfg, dtype, device, kv_cache_dtype)
     if kernels is None and quantization in ("int8", "int4"):
         raise ValueError(f"--quantization {quantization} needs the native kernels, which did not compile")
+    with torch.device("meta"):
+        model = cls(cfg)
+    # In its dtype from the start (no float32 copy on the GPU); float32 for the kernels, which pack the weights.
+    model = model.to(dtype if kernels is None else torch.float32).to_empty(device=device)
+    model.load_weights(weights)
     if kernels is not None:
-        _use_kernels(model, kernels, quantization)
+        _use_kernels(model, kernels, quantization, dtype)
     _drop_grids(model)
     return model.eval().requires_grad_(False)
 
 
-def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "none") -> None:
-    """Hand the layers their native kernels, packing each linear layer's weight in place for its kernel."""
+def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "none",
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Hand the layers their native kernels, packing each linear layer's weight in place for its kernel: quantized
+    as `quantization` asks, the others in `dtype`."""
     if model.lm_head is None:  # tied: the head gets a packed copy, the embedding keeps looking rows up
         with torch.device("meta"):
             model.lm_head = Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
@@ -129,22 +134,24 @@ def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "
         elif isinstance(module, GatedMLP):
             module.act_kernel = kernels.silu_mul
         elif isinstance(module, Linear):
-            linears[_pack_linear(module, kernels, quantization, head=module is model.lm_head)] += 1
+            linears[_pack_linear(module, kernels, quantization, dtype, head=module is model.lm_head)] += 1
     log.warning("linear layers: %s", ", ".join(f"{count} in {bits}" for bits, count in sorted(linears.items())))
     for layer in model.model.layers:  # once their weights are packed
         if isinstance(layer, LlamaDecoderLayer):
             layer.decode_kernel = kernels.llama_layer.bind(layer)
 
 
-def _pack_linear(linear: Linear, kernels: NativeKernels, quantization: str, head: bool) -> str:
-    """Pack the layer's weight for the float32 or the quantized kernel; returns which it got. `int4` keeps the
-    output head in 8 bits, as llama.cpp's 4-bit files do: in 4 bits the top token changes at ~1 position in 5."""
+def _pack_linear(linear: Linear, kernels: NativeKernels, quantization: str, dtype: torch.dtype, head: bool) -> str:
+    """Pack the layer's weight for the quantized kernel, or the float32 or bfloat16 one; returns which it got. `int4`
+    keeps the output head in 8 bits, as llama.cpp's 4-bit files do: in 4 bits the top token changes at ~1 position
+    in 5."""
     weight, grid = linear.weight.detach(), getattr(linear, quant.GRID, None)
     bits = {"int8": 8, "int4": 8 if head else 4}.get(quantization)
     if quantization == "none" or linear.in_features % quant.BLOCK or (grid is None and bits is None):
-        linear.weight = nn.Parameter(kernels.linear.pack(weight), requires_grad=False)
-        linear.kernel = kernels.linear
-        return "float32"
+        kernel = kernels.bf16linear if dtype == torch.bfloat16 else kernels.linear
+        linear.weight = nn.Parameter(kernel.pack(weight), requires_grad=False)
+        linear.kernel = kernel
+        return f"bfloat16 ({kernel.path})" if dtype == torch.bfloat16 else "float32"
     u, d, m, bits = quant.quantize(weight, grid, bits)
     linear.weight = nn.Parameter(quant.pack(u, d, m, bits), requires_grad=False)
     linear.kernel = kernels.qlinear

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.native_linear import Bf16LinearKernel, LinearKernel, QuantizedLinearKernel, raise_for
 from models.options import KERNEL_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -49,26 +49,12 @@ _SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.c"))
 # crtfastmath.o, whose start-up code flushes subnormal floats to zero in the whole process.
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK = ["-shared", "-fopenmp"]
-# The kernels' return codes (enum in kernels.h): a fresh exception each time, so that tracebacks do not pile up
-# on one shared instance.
-_FAILURES = {1: (MemoryError, "paged attention: out of memory for its work space"),
-             2: (ValueError, "paged attention: a context length outside 1 .. the block table's capacity"),
-             3: (ValueError, "paged attention: a block id outside the KV cache"),
-             4: (ValueError, "decoder layer: a cache slot outside the KV cache"),
-             5: (ValueError, "paged attention: query starts that do not run from 0 up to the number of queries, or "
-                             "a sequence with more queries than its context length")}
-
-
-def _raise_for(status: int) -> None:
-    if status:
-        kind, message = _FAILURES[status]
-        raise kind(message)
-
-
-def _is_cache(cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> bool:
+_CACHE_DTYPES = {torch.float32: [], torch.bfloat16: ["-DCACHE_BF16"]}  # the -D flags for each
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # float, bfloat16 and quantized linear weights
+def _is_cache(cache: torch.Tensor, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether `cache` is a KV cache as the kernels were compiled for: [2, blocks, block_size, kv heads, head_dim],
-    float32, on the CPU, contiguous."""
-    return cache.dtype == torch.float32 and cache.is_cpu and cache.dim() == 5 and cache.is_contiguous() \
+    of their cache dtype, on the CPU, contiguous."""
+    return cache.dtype == dtype and cache.is_cpu and cache.dim() == 5 and cache.is_contiguous() \
         and (cache.shape[0], *cache.shape[3:]) == (2, num_kv_heads, head_dim)
 
 
@@ -78,8 +64,10 @@ class PagedDecodeKernel:
     last sees its first context_lens[s] cached tokens, each one before it one token fewer (a prompt's chunk, its
     keys and values already in the cache). Without query_starts, one query per sequence (decoding)."""
 
-    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int,
+                 cache_dtype: torch.dtype):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.cache_dtype = cache_dtype
         self._run = library.paged_decode
         self._run.restype = ctypes.c_int
         self._run.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
@@ -95,7 +83,7 @@ class PagedDecodeKernel:
         status = self._run(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), query_starts.data_ptr(),
                            context_lens.data_ptr(), out.data_ptr(), len(block_tables), len(q), cache.shape[1],
                            cache.shape[2], block_tables.shape[1], scale, torch.get_num_threads())
-        _raise_for(status)
+        raise_for(status)
         return out
 
     def _check(self, q, cache, block_tables, context_lens, query_starts) -> None:
@@ -104,7 +92,7 @@ class PagedDecodeKernel:
         if not len(block_tables) == len(context_lens) == len(query_starts) - 1:
             raise ValueError(f"{len(q)} queries, {len(block_tables)} block tables and {len(context_lens)} lengths")
         if q.dtype != torch.float32 or not q.is_cpu or q.shape[1:] != (self.num_heads, self.head_dim) \
-                or not _is_cache(cache, self.num_kv_heads, self.head_dim) \
+                or not _is_cache(cache, self.num_kv_heads, self.head_dim, self.cache_dtype) \
                 or (block_tables.dtype, context_lens.dtype, query_starts.dtype) != (torch.int64,) * 3 \
                 or not (block_tables.is_cpu and context_lens.is_cpu and query_starts.is_cpu):
             raise ValueError(f"the kernel runs float32 on the CPU, compiled for {self.num_heads} query heads and a "
@@ -159,94 +147,14 @@ class SiluMulKernel:
         return out
 
 
-def _bias_fits(bias: torch.Tensor | None, n: int) -> bool:
-    return bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous())
-
-
-class LinearKernel:
-    """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n], as F.linear, over a
-    weight that `pack` laid out in column panels at load. Every row's outputs are the same bits whatever the
-    other rows: any number of rows runs here, never through MKL's sgemm, whose rounding depends on the number."""
-
-    def __init__(self, library: ctypes.CDLL):
-        self._run = library.linear
-        self._run.restype = None
-        self._run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        self.panel = library.linear_panel_width()
-
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """[n, k] -> [ceil(n / panel), k, panel]: each panel holds `panel` output columns, row by row of k."""
-        n, k = weight.shape
-        padded = torch.zeros(-(-n // self.panel) * self.panel, k, dtype=weight.dtype)
-        padded[:n] = weight
-        return padded.view(-1, self.panel, k).transpose(1, 2).contiguous()
-
-    @staticmethod
-    def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-        return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
-
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-        # Every layer calls this once per step: the checks are plain comparisons (a loop over the tensors and
-        # `.device.type` made the call 15 us instead of 8, a millisecond of a one-token step).
-        k = x.shape[-1]
-        if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.float32 or not packed.is_cpu \
-                or packed.shape != (-(-n // self.panel), k, self.panel) or not packed.is_contiguous() \
-                or not _bias_fits(bias, n):
-            raise ValueError(f"the linear kernel runs float32 on the CPU over a contiguous weight packed for {n} "
-                             f"outputs of {k} inputs; got x {tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} "
-                             f"{packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
-        if k == 0:  # no inputs: the bias (or zeros) for every row
-            return F.linear(x, self.unpack(packed, n), bias)
-        rows = x.numel() // k
-        x = x.contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        self._run(x.data_ptr(), rows, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                  out.data_ptr(), torch.get_num_threads())
-        return out
-
-
-class QuantizedLinearKernel:
-    """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n] over a weight quantized in
-    blocks of 32 inputs (see `models.quant`), with each row of x quantized per block of 32 to int8: integer dot
-    products (AVX-512 VNNI, AVX-VNNI, AVX2 or plain C, as the machine has), summed over the blocks in float."""
-
-    def __init__(self, library: ctypes.CDLL):
-        self._run = library.qlinear
-        self._run.restype = ctypes.c_int
-        self._run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        library.qlinear_block_bytes.restype = ctypes.c_int64
-        self._bits = {library.qlinear_block_bytes(bits): bits for bits in (8, 4)}
-        library.qlinear_path.restype = ctypes.c_char_p
-        self.path = library.qlinear_path().decode()  # the integer dot products this machine runs
-
-    def bits(self, packed: torch.Tensor) -> int:
-        return self._bits[packed.shape[-1]]
-
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-        k = x.shape[-1]
-        if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.uint8 or packed.dim() != 3 \
-                or packed.shape[:2] != (-(-n // 16), k // 32) or k % 32 or packed.shape[-1] not in self._bits \
-                or not packed.is_contiguous() or not _bias_fits(bias, n):
-            raise ValueError(f"the quantized linear kernel runs float32 on the CPU over a contiguous weight packed for "
-                             f"{n} outputs of {k} inputs (a multiple of 32); got x {tuple(x.shape)} {x.dtype}, "
-                             f"weight {tuple(packed.shape)} {packed.dtype}, "
-                             f"bias {None if bias is None else tuple(bias.shape)}")
-        x = x.contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        _raise_for(self._run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), self.bits(packed), n,
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()))
-        return out
-
-
 class _Matrix(ctypes.Structure):
     """`struct matrix` of llama_layer.c."""
     _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("bits", ctypes.c_int64)]
 
     @classmethod
     def of(cls, linear) -> "_Matrix":
-        bits = linear.kernel.bits(linear.weight) if isinstance(linear.kernel, QuantizedLinearKernel) else 32
+        bits = linear.kernel.bits(linear.weight) if isinstance(linear.kernel, QuantizedLinearKernel) \
+            else 16 if isinstance(linear.kernel, Bf16LinearKernel) else 32
         return cls(linear.weight.data_ptr(), None if linear.bias is None else linear.bias.data_ptr(), bits)
 
 
@@ -263,8 +171,10 @@ class LlamaLayerKernel:
     its forward computes it. The layer's linear weights must already be packed for `LinearKernel`; the kernel keeps
     pointers to the layer's tensors, so they must not be replaced afterwards."""
 
-    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, library: ctypes.CDLL, num_heads: int, num_kv_heads: int, head_dim: int,
+                 cache_dtype: torch.dtype):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.cache_dtype = cache_dtype
         self._run = library.llama_layer_forward
         self._run.restype = ctypes.c_int
         self._run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] \
@@ -280,7 +190,7 @@ class LlamaLayerKernel:
             + [t for m in linears for t in (m.weight, m.bias)]
         shapes = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim)
         if shapes != (self.num_heads, self.num_kv_heads, self.head_dim) or not all(
-                t is None or (t.dtype in (torch.float32, torch.uint8) and t.is_cpu and t.is_contiguous())
+                t is None or (t.dtype in _WEIGHT_DTYPES and t.is_cpu and t.is_contiguous())
                 for t in tensors) or any(m.kernel is None for m in linears):
             raise ValueError(f"the decoder layer kernel was compiled for (heads, kv heads, head_dim) "
                              f"{(self.num_heads, self.num_kv_heads, self.head_dim)} and takes contiguous float32 "
@@ -306,7 +216,7 @@ class BoundLlamaLayer:
         slots, tables, starts, lens = meta.slot_mapping, meta.block_tables, meta.query_starts, meta.context_lens_tensor
         scratch = torch.empty(kernel._scratch(tokens, hidden, self.weights.intermediate))
         out = torch.empty_like(x)
-        _raise_for(kernel._run(ctypes.byref(self.weights), x.data_ptr(), out.data_ptr(), tokens, rotation.data_ptr(),
+        raise_for(kernel._run(ctypes.byref(self.weights), x.data_ptr(), out.data_ptr(), tokens, rotation.data_ptr(),
                                cache.data_ptr(), slots.data_ptr(), len(tables), starts.data_ptr(), tables.data_ptr(),
                                lens.data_ptr(), cache.shape[1], cache.shape[2], tables.shape[1], self.scale,
                                scratch.data_ptr(), torch.get_num_threads()))
@@ -320,7 +230,8 @@ class BoundLlamaLayer:
         slots, tables = meta.slot_mapping, meta.block_tables
         if x.dtype != torch.float32 or not x.is_cpu or x.shape != (tokens, self.weights.hidden) \
                 or not x.is_contiguous() or rotation.shape != (tokens, 1, kernel.head_dim // 2, 2) \
-                or not rotation.is_contiguous() or not _is_cache(cache, kernel.num_kv_heads, kernel.head_dim) \
+                or not rotation.is_contiguous() \
+                or not _is_cache(cache, kernel.num_kv_heads, kernel.head_dim, kernel.cache_dtype) \
                 or len(meta.decode_context_lens) != seqs - meta.num_prefills or slots.shape != (tokens,) \
                 or tables.dim() != 2 or len(tables) != seqs or len(meta.context_lens) != seqs \
                 or (slots.dtype, tables.dtype) != (torch.int64,) * 2 \
@@ -338,16 +249,22 @@ class NativeKernels:
     rms_norm: RMSNormKernel
     silu_mul: SiluMulKernel
     linear: LinearKernel
+    bf16linear: Bf16LinearKernel
     qlinear: QuantizedLinearKernel
     llama_layer: LlamaLayerKernel
 
 
-def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeKernels:
-    """Compile the kernels for these head shapes into one library; RuntimeError when no compiler works."""
+def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int,
+                    cache_dtype: torch.dtype = torch.float32) -> NativeKernels:
+    """Compile the kernels for these head shapes and a KV cache of `cache_dtype` (float32 or bfloat16) into one
+    library; RuntimeError when no compiler works."""
+    if cache_dtype not in _CACHE_DTYPES:
+        raise ValueError(f"the kernels' KV cache is float32 or bfloat16, not {cache_dtype}")
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("gcc")]
     if compiler[0] is None:
         raise RuntimeError("no C compiler (gcc) found")
-    shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}"]
+    shapes = [f"-DHEAD_DIM={head_dim}", f"-DKV_HEADS={num_kv_heads}", f"-DGROUP={num_heads // num_kv_heads}",
+              *_CACHE_DTYPES[cache_dtype]]
     with tempfile.TemporaryDirectory(prefix="nanoserve-kernels-") as folder:
         objects = [str(Path(folder) / f"{source.stem}.o") for source in _SOURCES]
         library = Path(folder) / "kernels.so"
@@ -358,9 +275,10 @@ def compile_kernels(num_heads: int, num_kv_heads: int, head_dim: int) -> NativeK
         loaded = ctypes.CDLL(str(library))  # once loaded, the file may go
     if added := _openmp_runtimes() - before:
         raise RuntimeError(f"the kernels brought their own OpenMP runtime rather than torch's: {sorted(added)}")
-    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim), RMSNormKernel(loaded),
-                         SiluMulKernel(loaded), LinearKernel(loaded), QuantizedLinearKernel(loaded),
-                         LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim))
+    return NativeKernels(PagedDecodeKernel(loaded, num_heads, num_kv_heads, head_dim, cache_dtype),
+                         RMSNormKernel(loaded), SiluMulKernel(loaded), LinearKernel(loaded), Bf16LinearKernel(loaded),
+                         QuantizedLinearKernel(loaded),
+                         LlamaLayerKernel(loaded, num_heads, num_kv_heads, head_dim, cache_dtype))
 
 
 def _run_compiler(command: list[str]) -> None:
@@ -381,19 +299,32 @@ def _openmp_runtimes() -> set[str]:
     return set(re.findall(r"\S*/lib(?:gomp|iomp5|omp)[-.\w]*\.so[.\d]*$", maps, re.MULTILINE))
 
 
-def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> NativeKernels | None:
-    """The native kernels the model should use, or None for the PyTorch path. `auto`: the native kernels
-    for float32 on the CPU when they compile; `native`: those or an error; `torch`: None."""
+def bfloat16_features() -> str:
+    """What of AMX-BF16 and AVX-512 BF16 this CPU has (its flags in /proc/cpuinfo), for the bfloat16 linear kernel:
+    "AMX", "AVX-512 BF16", or "" for neither (or no /proc/cpuinfo)."""
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split())
+    except (OSError, AttributeError):
+        return ""
+    return "AMX" if {"amx_tile", "amx_bf16"} <= flags else "AVX-512 BF16" if "avx512_bf16" in flags else ""
+
+
+def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 cache_dtype: torch.dtype = torch.float32) -> NativeKernels | None:
+    """The native kernels the model should use, or None for the PyTorch path. `auto`: the native kernels on the
+    CPU when they compile, for linear weights in float32 or bfloat16 (activations float32) and a KV cache in either;
+    `native`: those or an error; `torch`: None."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    usable = device.type == "cpu" and dtype == torch.float32
+    usable = device.type == "cpu" and dtype in _CACHE_DTYPES and cache_dtype in _CACHE_DTYPES
     if backend == "native" and not usable:
-        raise ValueError(f"the native kernel backend runs float32 on the CPU only, not {dtype} on {device}")
+        raise ValueError(f"the native kernel backend runs on the CPU with float32 or bfloat16 weights and KV cache, "
+                         f"not {dtype} weights and a {cache_dtype} cache on {device}")
     if backend == "torch" or not usable:
         return None
     try:
         start = time.perf_counter()
-        kernels = compile_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        kernels = compile_kernels(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_dtype)
         log.info("attention, RMSNorm, SiLU, linear and decoder layers: native CPU kernels (compiled in %.1f s)",
                  time.perf_counter() - start)
         return kernels

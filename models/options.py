@@ -2,3 +2,5 @@
 the Docker health check parses those flags every 30 s without loading torch."""
 KERNEL_BACKENDS = ("auto", "torch", "native")  # see models/native.py
 QUANTIZATIONS = ("auto", "none", "int8", "int4")  # see models/quant.py
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # see engine/runner.py
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")

@@ -4,7 +4,7 @@ import argparse
 import json
 
 from models.default_model import DEFAULT_MODEL
-from models.options import KERNEL_BACKENDS, QUANTIZATIONS
+from models.options import DTYPES, KERNEL_BACKENDS, KV_CACHE_DTYPES, QUANTIZATIONS
 from server.config import ServerConfig
 from server.tool_parsers import PARSERS
 
@@ -43,7 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep full KV blocks and reuse them for prompts that begin alike")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the precision of the linear layers' float weights. auto: on the CPU bfloat16 where it "
+                        "multiplies them natively (AMX or AVX-512 BF16; activations stay float32), float32 elsewhere; "
+                        "on a GPU the checkpoint's dtype")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's precision (auto: bfloat16 where --dtype is bfloat16, else float32): bfloat16 "
+                        "holds twice the tokens and halves what attention reads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
                    help="native: decode attention, RMSNorm, linear and Llama decoder layers in C kernels compiled at "

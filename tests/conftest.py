@@ -18,9 +18,10 @@ def llm(default_model_path):
 
 @pytest.fixture(scope="session")
 def llm_float32(default_model_path):
-    """The default model dequantized to float32 (`--quantization none`): what matches transformers' logits."""
+    """The default model dequantized to float32 (`--quantization none --dtype float32`, a float32 KV cache): what
+    matches transformers' logits."""
     from engine import LLM
-    return LLM(str(default_model_path), quantization="none")
+    return LLM(str(default_model_path), quantization="none", dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ TEXTS = ["Hello world", "Ünïcödé: café, 日本語のテキスト", "emoji �
 @pytest.fixture(scope="module")
 def url(default_model_path):
     with running_server("--model", str(default_model_path), "--served-model-name", MODEL,
-                        "--max-model-len", "512", "--quantization", "none") as base:
+                        "--max-model-len", "512", "--quantization", "none", "--dtype", "float32") as base:
         yield base
 
 

@@ -273,10 +273,12 @@ def test_backend_choice(monkeypatch, caplog):
                           "vocab_size": 100})
     cpu, f32 = torch.device("cpu"), torch.float32
     assert pick_kernels("torch", cfg, f32, cpu) is None
-    assert pick_kernels("auto", cfg, torch.bfloat16, cpu) is None  # the kernels are float32 only
+    assert pick_kernels("auto", cfg, torch.float16, cpu) is None  # float32 or bfloat16 weights only
+    assert pick_kernels("auto", cfg, f32, cpu, torch.float16) is None  # and caches
     assert pick_kernels("auto", cfg, f32, torch.device("cuda")) is None
     assert pick_kernels("auto", cfg, f32, cpu) is not None
-    with pytest.raises(ValueError, match="float32 on the CPU only"):
+    assert pick_kernels("auto", cfg, torch.bfloat16, cpu, torch.bfloat16).paged_decode.cache_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float32 or bfloat16 weights and KV cache"):
         pick_kernels("native", cfg, torch.float16, cpu)
     with pytest.raises(ValueError, match="one of"):
         pick_kernels("flash", cfg, f32, cpu)
@@ -293,7 +295,7 @@ def test_both_backends_decode_the_same_greedy_tokens(default_model_path, llm_flo
     and the PyTorch path give the same tokens."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = [chat_prompt(q) for q in CHAT_QUESTIONS[:4]]
-    torch_path = LLM(str(default_model_path), kernel_backend="torch", block_size=4)
+    torch_path = LLM(str(default_model_path), kernel_backend="torch", dtype="float32", block_size=4)
     layer = llm_float32.engine.runner.model.model.layers[0]
     assert layer.self_attn.attn.decode_kernel is not None and layer.input_layernorm.kernel is not None
     assert layer.mlp.down_proj.kernel is not None and llm_float32.engine.runner.model.lm_head.kernel is not None

@@ -17,7 +17,8 @@
 #define QKV_SIZE (Q_SIZE + 2 * KV_SIZE)
 #define PARALLEL_ELEMENTS 65536 /* below this many elements an elementwise pass is not worth waking threads */
 
-/* A linear layer's weight: float32 packed for `linear` (bits 32), or quantized blocks for `qlinear` (8 or 4). */
+/* A linear layer's weight: float32 packed for `linear` (bits 32), bfloat16 for `bf16linear` (16), or quantized
+   blocks for `qlinear` (8 or 4). */
 struct matrix {
     const void *weight;
     const float *bias; /* NULL when absent */
@@ -36,6 +37,7 @@ struct llama_layer {
 
 static int matmul(const struct matrix *w, const float *x, int64_t m, int64_t k, int64_t n, float *out,
                   int num_threads) {
+    if (w->bits == 16) return bf16linear(x, m, k, w->weight, n, w->bias, out, num_threads);
     if (w->bits != 32) return qlinear(x, m, k, w->weight, (int)w->bits, n, w->bias, out, num_threads);
     linear(x, m, k, w->weight, n, w->bias, out, num_threads);
     return OK;
@@ -75,15 +77,18 @@ int64_t llama_layer_scratch(int64_t tokens, int64_t hidden, int64_t intermediate
 }
 
 /* Rotate each token's q and k; q to its own rows, k and v into the cache at the token's slot. */
-static void rotate_and_cache(float *qkv, const float *rotation, const int64_t *slots, float *q, float *cache,
+static void rotate_and_cache(float *qkv, const float *rotation, const int64_t *slots, float *q, cache_t *cache,
                              int64_t pool_slots, int64_t tokens, int num_threads) {
     #pragma omp parallel for num_threads(num_threads) if (tokens * QKV_SIZE >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < tokens; t++) {
         float *row = qkv + t * QKV_SIZE;
         rotate(row, rotation + t * HEAD_DIM, HEADS + KV_HEADS);
         memcpy(q + t * Q_SIZE, row, sizeof(float) * Q_SIZE);
-        memcpy(cache + slots[t] * KV_SIZE, row + Q_SIZE, sizeof(float) * KV_SIZE);
-        memcpy(cache + (pool_slots + slots[t]) * KV_SIZE, row + Q_SIZE + KV_SIZE, sizeof(float) * KV_SIZE);
+        cache_t *key = cache + slots[t] * KV_SIZE, *value = cache + (pool_slots + slots[t]) * KV_SIZE;
+        for (int i = 0; i < KV_SIZE; i++) {
+            key[i] = to_cache(row[Q_SIZE + i]);
+            value[i] = to_cache(row[Q_SIZE + KV_SIZE + i]);
+        }
     }
 }
 
@@ -94,7 +99,7 @@ static void rotate_and_cache(float *qkv, const float *rotation, const int64_t *s
    written, the rest by `paged_decode` (after the new keys and values are written, all of them before any query
    reads the cache). */
 int llama_layer_forward(const struct llama_layer *w, const float *x, float *out, int64_t tokens,
-                        const float *rotation, float *cache, const int64_t *slots, int64_t seqs,
+                        const float *rotation, cache_t *cache, const int64_t *slots, int64_t seqs,
                         const int64_t *query_starts, const int64_t *block_tables, const int64_t *context_lens,
                         int64_t num_blocks, int64_t block_size, int64_t table_width, float scale, float *scratch,
                         int num_threads) {

@@ -1,5 +1,6 @@
-/* Paged attention on the CPU, float32: each query token attends over its sequence's cached keys and values, read
-   in place from the block pool (the PyTorch path copies them out first). Every token is computed so, prefill and
+/* Paged attention on the CPU, float32 (over keys and values cached in float32, or in bfloat16 with -DCACHE_BF16,
+   widened as they are read): each query token attends over its sequence's cached keys and values, read in place
+   from the block pool (the PyTorch path copies them out first). Every token is computed so, prefill and
    decode alike: a sequence's new tokens are a run of queries, each seeing the tokens up to its own (the caller has
    written all their keys and values first).
 
@@ -62,15 +63,28 @@ static struct token_walk walk_from(const int64_t *table, int64_t block_size, int
     return (struct token_walk){table, block_size, t / block_size, t % block_size};
 }
 
-/* The next token's offset in the pool's keys or values, in floats. */
+/* The next token's offset in the pool's keys or values, in elements. */
 static inline int64_t next_offset(struct token_walk *w) {
     const int64_t slot = w->table[w->block] * w->block_size + w->offset;
     if (++w->offset == w->block_size) w->offset = 0, w->block++;
     return slot * TOKEN_STRIDE;
 }
 
-static inline void prefetch_token(const float *token) {
-    for (int line = 0; line < TOKEN_STRIDE; line += 16) __builtin_prefetch(token + line, 0, 3);
+/* Chunk c of a cached head, widened to float32. */
+static inline vec load_cached(const cache_t *head, int c) {
+#ifdef CACHE_BF16
+    typedef uint16_t halves __attribute__((vector_size(VEC * sizeof(uint16_t))));
+    halves h = {0};
+    memcpy(&h, head + c * VEC, sizeof(uint16_t) * (c == CHUNKS - 1 ? TAIL : VEC));
+    return (vec)(__builtin_convertvector(h, lanes) << 16);
+#else
+    return load_chunk(head, c);
+#endif
+}
+
+static inline void prefetch_token(const cache_t *token) {
+    for (size_t byte = 0; byte < TOKEN_STRIDE * sizeof(cache_t); byte += 64)
+        __builtin_prefetch((const char *)token + byte, 0, 3);
 }
 
 /* Sums of the lanes of VEC vectors at once, with shuffles (a transpose and add) where one vector's lanes would
@@ -108,8 +122,8 @@ static inline vec sum_lanes(vec *in, const struct lane_sums *plan) {
    scores[h * PART_TOKENS + i] for token i of the group. The keys of a token are loaded once for the query heads
    that share them, and the VEC tokens' lanes are summed together. Prefetches the keys at `ahead` (NULL: none), one
    token's with each token scored: a steady trickle rather than a burst that fills the queue of misses. */
-static inline void score_group(const float *query, const float *const *keys, const float *const *ahead, float scale,
-                               const struct lane_sums *plan, float *scores) {
+static inline void score_group(const float *query, const cache_t *const *keys, const cache_t *const *ahead,
+                               float scale, const struct lane_sums *plan, float *scores) {
     vec q[HEADS][CHUNKS], products[HEADS][VEC];  /* per head and token, the lanes whose sum is the score */
     for (int h = 0; h < HEADS; h++)
         UNROLLED for (int c = 0; c < CHUNKS; c++) q[h][c] = load_chunk(query + h * HEAD_DIM, c);
@@ -117,7 +131,7 @@ static inline void score_group(const float *query, const float *const *keys, con
         if (ahead && ahead[i]) prefetch_token(ahead[i]);
         UNROLLED for (int g = 0; g < KV_HEADS; g++) {
             vec kc[CHUNKS];
-            UNROLLED for (int c = 0; c < CHUNKS; c++) kc[c] = load_chunk(keys[i] + g * HEAD_DIM, c);
+            UNROLLED for (int c = 0; c < CHUNKS; c++) kc[c] = load_cached(keys[i] + g * HEAD_DIM, c);
             UNROLLED for (int h = g * GROUP; h < (g + 1) * GROUP; h++) {
                 vec sum = q[h][0] * kc[0];
                 UNROLLED for (int c = 1; c < CHUNKS; c++) sum += q[h][c] * kc[c];
@@ -142,15 +156,15 @@ static void exponentiate(float *row, int64_t len, float *top, float *total) {
 }
 
 /* acc[h] = sum over the part's first `len` tokens t of weights[h * PART_TOKENS + t] * value_t, t in order. */
-static void weigh_values(const float *weights, const float *values, const int64_t *offsets, int64_t len, float *acc) {
+static void weigh_values(const float *weights, const cache_t *values, const int64_t *offsets, int64_t len, float *acc) {
     vec sums[HEADS][CHUNKS] = {{{0}}};
     for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(values + offsets[t]);
     for (int64_t t = 0; t < len; t++) {
-        const float *v = values + offsets[t];
+        const cache_t *v = values + offsets[t];
         if (t + AHEAD < len) prefetch_token(values + offsets[t + AHEAD]);
         UNROLLED for (int g = 0; g < KV_HEADS; g++)
             UNROLLED for (int c = 0; c < CHUNKS; c++) {
-                const vec vc = load_chunk(v + g * HEAD_DIM, c);
+                const vec vc = load_cached(v + g * HEAD_DIM, c);
                 UNROLLED for (int h = g * GROUP; h < (g + 1) * GROUP; h++)
                     sums[h][c] += weights[h * PART_TOKENS + t] * vc;
             }
@@ -196,17 +210,17 @@ struct results { float *out, *parts; const int64_t *slots; int64_t *pending; };
    scored for every query of the tile while they are in the L1 cache, and the values are read from L2 after the
    first query. scores: [TILE][HEADS][PART_TOKENS] of scratch. */
 static void attend_tile(const float *q, int64_t query, int64_t count, int64_t first_len, int64_t part,
-                        const float *keys, const float *values, const int64_t *table, int64_t block_size, float scale,
+                        const cache_t *keys, const cache_t *values, const int64_t *table, int64_t block_size, float scale,
                         const struct lane_sums *plan, float *scores, const struct results *r) {
-    static const float zero_token[TOKEN_STRIDE];
+    static const cache_t zero_token[TOKEN_STRIDE];
     const int64_t begin = part * PART_TOKENS, len = min64(PART_TOKENS, first_len + count - 1 - begin);
     const int64_t first = begin < first_len ? 0 : begin - first_len + 1;  /* the first query that sees the part */
-    int64_t offsets[PART_TOKENS];  /* of the part's tokens in the pool's keys or values, in floats */
+    int64_t offsets[PART_TOKENS];  /* of the part's tokens in the pool's keys or values, in elements */
     struct token_walk walk = walk_from(table, block_size, begin);
     for (int64_t t = 0; t < len; t++) offsets[t] = next_offset(&walk);
     for (int64_t t = 0; t < AHEAD && t < len; t++) prefetch_token(keys + offsets[t]);
     for (int64_t group = 0; group < len; group += VEC) {
-        const float *k[VEC], *ahead[VEC];
+        const cache_t *k[VEC], *ahead[VEC];
         for (int i = 0; i < VEC; i++) {
             k[i] = group + i < len ? keys + offsets[group + i] : zero_token;
             ahead[i] = group + i + AHEAD < len ? keys + offsets[group + i + AHEAD] : NULL;
@@ -281,7 +295,7 @@ static void *workspace(size_t bytes) {
    query_starts[s + 1]), the last of which sees its first context_lens[s] tokens ([seqs]) and each one before it one
    token fewer. Returns OK, or the first problem found (the output is then left unwritten). Inputs must be finite:
    -ffast-math assumes no inf or NaN. */
-int paged_decode(const float *q, const float *cache, const int64_t *block_tables, const int64_t *query_starts,
+int paged_decode(const float *q, const cache_t *cache, const int64_t *block_tables, const int64_t *query_starts,
                  const int64_t *context_lens, float *out, int64_t seqs, int64_t queries, int64_t num_blocks,
                  int64_t block_size, int64_t table_width, float scale, int num_threads) {
     const int problem = batch_problem(block_tables, query_starts, context_lens, seqs, queries, num_blocks, block_size,
@@ -309,7 +323,7 @@ int paged_decode(const float *q, const float *cache, const int64_t *block_tables
         }
     const struct lane_sums plan = plan_lane_sums();
     const struct results r = {out, parts, slots, pending};
-    const float *keys = cache, *values = cache + num_blocks * block_size * TOKEN_STRIDE;
+    const cache_t *keys = cache, *values = cache + num_blocks * block_size * TOKEN_STRIDE;
     #pragma omp parallel for schedule(dynamic) num_threads(num_threads)
     for (int64_t i = 0; i < items; i++) {
         const struct tile w = tiles[i];
