@@ -26,6 +26,22 @@ def _bias_fits(bias: torch.Tensor | None, n: int) -> bool:
     return bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous())
 
 
+def _refuse(kernel: str, packed_for: str, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
+    raise ValueError(f"the {kernel} on the CPU over a contiguous weight packed for {packed_for}; got x "
+                     f"{tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} {packed.dtype}, "
+                     f"bias {None if bias is None else tuple(bias.shape)}")
+
+
+def _rows_through(run, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None, *options):
+    """out [..., n] from run(x, rows, k, packed, *options, n, bias, out, threads), a kernel that returns a status."""
+    k = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    raise_for(run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), *options, n,
+                  None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()))
+    return out
+
+
 class LinearKernel:
     """(x [..., k], packed weight, bias [n] or None, n) -> x · weightᵀ + bias [..., n], as F.linear, over a
     weight that `pack` laid out in column panels at load. Every row's outputs are the same bits whatever the
@@ -56,9 +72,7 @@ class LinearKernel:
         if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.float32 or not packed.is_cpu \
                 or packed.shape != (-(-n // self.panel), k, self.panel) or not packed.is_contiguous() \
                 or not _bias_fits(bias, n):
-            raise ValueError(f"the linear kernel runs float32 on the CPU over a contiguous weight packed for {n} "
-                             f"outputs of {k} inputs; got x {tuple(x.shape)} {x.dtype}, weight {tuple(packed.shape)} "
-                             f"{packed.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+            _refuse("linear kernel runs float32", f"{n} outputs of {k} inputs", x, packed, bias)
         if k == 0:  # no inputs: the bias (or zeros) for every row
             return F.linear(x, self.unpack(packed, n), bias)
         rows = x.numel() // k
@@ -92,15 +106,9 @@ class QuantizedLinearKernel:
         if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.uint8 or packed.dim() != 3 \
                 or packed.shape[:2] != (-(-n // 16), k // 32) or k % 32 or packed.shape[-1] not in self._bits \
                 or not packed.is_contiguous() or not _bias_fits(bias, n):
-            raise ValueError(f"the quantized linear kernel runs float32 on the CPU over a contiguous weight packed for "
-                             f"{n} outputs of {k} inputs (a multiple of 32); got x {tuple(x.shape)} {x.dtype}, "
-                             f"weight {tuple(packed.shape)} {packed.dtype}, "
-                             f"bias {None if bias is None else tuple(bias.shape)}")
-        x = x.contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        raise_for(self._run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), self.bits(packed), n,
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()))
-        return out
+            _refuse("quantized linear kernel runs float32", f"{n} outputs of {k} inputs (a multiple of 32)", x, packed,
+                    bias)
+        return _rows_through(self._run, x, packed, n, bias, self.bits(packed))
 
 
 class Bf16LinearKernel:
@@ -129,12 +137,5 @@ class Bf16LinearKernel:
         if x.dtype != torch.float32 or not x.is_cpu or packed.dtype != torch.bfloat16 or not packed.is_cpu \
                 or packed.shape != (-(-n // self.columns), -(-k // 2), 2 * self.columns) \
                 or not packed.is_contiguous() or not _bias_fits(bias, n):
-            raise ValueError(f"the bfloat16 linear kernel runs float32 activations on the CPU over a contiguous weight "
-                             f"packed for {n} outputs of {k} inputs; got x {tuple(x.shape)} {x.dtype}, weight "
-                             f"{tuple(packed.shape)} {packed.dtype}, "
-                             f"bias {None if bias is None else tuple(bias.shape)}")
-        x = x.contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        raise_for(self._run(x.data_ptr(), x.numel() // k if k else 0, k, packed.data_ptr(), n,
-                            None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()))
-        return out
+            _refuse("bfloat16 linear kernel runs float32 activations", f"{n} outputs of {k} inputs", x, packed, bias)
+        return _rows_through(self._run, x, packed, n, bias)

@@ -11,7 +11,6 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine import runner
-from models.attention import AttentionMetadata
 from models.loader import _use_kernels
 from models.native import bfloat16_features, compile_kernels
 from models.quality import TEXT, evaluate
@@ -19,7 +18,7 @@ from models.tokenizer import load_tokenizer
 from server.cli import configs
 from server.flags import parse_args
 from tests.conftest import chat_prompt
-from tests.test_native_kernels import paged_case, random_llama
+from tests.test_native_kernels import layer_decode_case, paged_case, random_llama
 
 pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc")), reason="no C compiler")
 x86 = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 vector extensions")
@@ -80,8 +79,8 @@ def test_the_bfloat16_kernel_refuses_what_it_was_not_packed_for():
     x, weight, _, outputs = next(_cases())
     packed = kernel.pack(weight)
     for bad in [(x.double(), packed, None, outputs), (x, packed, None, outputs + 16),
-                (x[:, :16], packed, None, outputs), (x, packed.float(), None, outputs), (x, packed[..., :-2], None, outputs),
-                (x, packed, torch.zeros(outputs + 1), outputs)]:
+                (x[:, :16], packed, None, outputs), (x, packed.float(), None, outputs),
+                (x, packed[..., :-2], None, outputs), (x, packed, torch.zeros(outputs + 1), outputs)]:
         with pytest.raises(ValueError, match="bfloat16 linear kernel runs"):
             kernel(*bad)
 
@@ -113,13 +112,7 @@ def test_decoder_layer_in_bfloat16(heads, kv_heads, head_dim, bias):
     _use_kernels(model, compile_kernels(heads, kv_heads, head_dim, torch.bfloat16), dtype=torch.bfloat16)
     layer = model.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.bfloat16
-    block_size, lengths = 4, [1, 9, 40]
-    _, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
-    positions = lens - 1
-    slots = tables[torch.arange(3), positions // block_size] * block_size + positions % block_size
-    meta = AttentionMetadata(query_lens=[1] * 3, context_lens=lengths, num_prefills=0, slot_mapping=slots,
-                             block_tables=tables, decode_context_lens=lens)
-    x, rotation = torch.randn(3, 48, generator=torch.Generator().manual_seed(0)), model.rotary(positions)
+    x, rotation, cache, meta = layer_decode_case(model)
     expected_cache, got_cache = cache.bfloat16().float(), cache.bfloat16()
     with torch.inference_mode():
         expected = reference(x, rotation, expected_cache, meta)

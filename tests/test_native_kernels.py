@@ -217,6 +217,20 @@ def random_llama(heads: int, kv_heads: int, head_dim: int, bias: bool) -> LlamaF
     return model
 
 
+def layer_decode_case(model: LlamaForCausalLM):
+    """A decode step of three sequences of mixed context lengths for `random_llama`'s layer: (x, rotation, cache,
+    meta)."""
+    attention = model.model.layers[0].self_attn.attn
+    block_size, lengths = 4, [1, 9, 40]
+    _, cache, tables, lens = paged_case(attention.num_heads, attention.num_kv_heads, attention.head_dim, block_size,
+                                        lengths)
+    positions = lens - 1
+    slots = tables[torch.arange(3), positions // block_size] * block_size + positions % block_size
+    meta = AttentionMetadata(query_lens=[1] * 3, context_lens=lengths, num_prefills=0, slot_mapping=slots,
+                             block_tables=tables, decode_context_lens=lens)
+    return torch.randn(3, 48, generator=torch.Generator().manual_seed(0)), model.rotary(positions), cache, meta
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, bias", [(9, 3, 64, False), (4, 2, 16, True), (6, 1, 24, True)])
 def test_decoder_layer_kernel_matches_the_layer_steps(heads, kv_heads, head_dim, bias):
     """The one-call decoder layer against the layer's own steps on the PyTorch path: a decode batch of mixed
@@ -226,13 +240,7 @@ def test_decoder_layer_kernel_matches_the_layer_steps(heads, kv_heads, head_dim,
     _use_kernels(model, compile_kernels(heads, kv_heads, head_dim))
     layer = model.model.layers[0]
     assert layer.decode_kernel is not None
-    block_size, lengths = 4, [1, 9, 40]
-    _, cache, tables, lens = paged_case(heads, kv_heads, head_dim, block_size, lengths)
-    positions = lens - 1
-    slots = tables[torch.arange(3), positions // block_size] * block_size + positions % block_size
-    meta = AttentionMetadata(query_lens=[1] * 3, context_lens=lengths, num_prefills=0, slot_mapping=slots,
-                             block_tables=tables, decode_context_lens=lens)
-    x, rotation = torch.randn(3, 48, generator=torch.Generator().manual_seed(0)), model.rotary(positions)
+    x, rotation, cache, meta = layer_decode_case(model)
     expected_cache, got_cache = cache.clone(), cache.clone()
     with torch.inference_mode():
         expected = reference(x, rotation, expected_cache, meta)
@@ -244,7 +252,8 @@ def test_decoder_layer_kernel_matches_the_layer_steps(heads, kv_heads, head_dim,
     with pytest.raises(ValueError, match="cache slot outside"):
         layer.decode_kernel(x, rotation, got_cache, bad_slots)
     torch.testing.assert_close(got_cache, expected_cache, rtol=1e-5, atol=1e-5)  # nothing written
-    bad_metas = (dataclasses.replace(meta, num_prefills=1), dataclasses.replace(meta, block_tables=tables.int()))
+    bad_metas = (dataclasses.replace(meta, num_prefills=1),
+                 dataclasses.replace(meta, block_tables=meta.block_tables.int()))
     for bad in ((x.double(), rotation, got_cache, meta), (x[:2], rotation, got_cache, meta),
                 (x, rotation, got_cache[..., 1:], meta), *((x, rotation, got_cache, m) for m in bad_metas)):
         with pytest.raises(ValueError, match="decoder layer kernel takes"):
