@@ -126,14 +126,16 @@ class Sequence:
 
 
 class Pool:
-    """A private KV cache for the real model, and forward passes over hand-built metadata, built as the runner builds
-    it: sequences with several new tokens first, then those with one."""
+    """A private KV cache for the real model (of the dtype its kernels were compiled for), and forward passes over
+    hand-built metadata, built as the runner builds it: sequences with several new tokens first, then those with
+    one."""
 
     def __init__(self, model, num_blocks: int = 400, block_size: int = 16):
         cfg = model.config
         self.model, self.block_size, self.free = model, block_size, list(range(num_blocks))[::-1]  # blocks in reverse
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.caches = [torch.zeros(shape) for _ in range(cfg.num_layers)]
+        dtype = model.model.layers[0].self_attn.attn.decode_kernel.cache_dtype
+        self.caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
 
     @torch.inference_mode()
     def forward(self, work: list[tuple[Sequence, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
