@@ -166,3 +166,12 @@ def test_auto_picks_bfloat16_where_the_cpu_multiplies_it(monkeypatch):
     assert (engine.dtype, engine.kv_cache_dtype) == ("bfloat16", "bfloat16")
     with pytest.raises(SystemExit):
         parse_args(["--kv-cache-dtype", "fp8"])
+
+
+def test_the_kernel_benchmark_runs_each_kernel(capsys):
+    from models import bench_linear
+    bench_linear.main(["--rows", "1", "3", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "float32" in lines[1] and "bfloat16" in lines[1] and "int4" in lines[1]
+    assert len(lines) == 2 + 4 * 2  # four shapes, two row counts
+    assert all(line.count("GF/s") == 4 for line in lines[2:])
