@@ -11,6 +11,7 @@ from models.attention import AttentionMetadata, KVCache
 from models.config import DTYPES, ModelConfig
 from models.loader import load_model
 from models.native import bfloat16_features
+from models.options import KV_CACHE_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """`auto`: bfloat16 when the model's dtype is, else float32 (float16 stays float16)."""
-    if name not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {name!r}")
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
     return dtype if name == "auto" else DTYPES[name]
 
 

@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 
+import openai
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from models.tokenizer import load_tokenizer
 from server.cli import configs
 from server.flags import parse_args
 from tests.conftest import chat_prompt
+from tests.helpers import running_server
 from tests.test_native_kernels import layer_decode_case, paged_case, random_llama
 
 pytestmark = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc")), reason="no C compiler")
@@ -175,3 +177,17 @@ def test_the_kernel_benchmark_runs_each_kernel(capsys):
     assert "float32" in lines[1] and "bfloat16" in lines[1] and "int4" in lines[1]
     assert len(lines) == 2 + 4 * 2  # four shapes, two row counts
     assert all(line.count("GF/s") == 4 for line in lines[2:])
+
+
+def test_the_server_serves_bfloat16_weights_and_cache(default_model_path):
+    """The flags through a real server and the SDK, streaming and not."""
+    with running_server("--model", str(default_model_path), "--served-model-name", "smol", "--max-model-len", "256",
+                        "--quantization", "none", "--dtype", "bfloat16", "--kv-cache-dtype", "bfloat16") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        question = [{"role": "user", "content": "What is the capital of Japan?"}]
+        whole = client.chat.completions.create(model="smol", messages=question, max_tokens=12, temperature=0)
+        assert "Tokyo" in whole.choices[0].message.content
+        stream = client.chat.completions.create(model="smol", messages=question, max_tokens=12, temperature=0,
+                                                stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == whole.choices[0].message.content
