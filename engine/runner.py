@@ -52,7 +52,7 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
         return DTYPES[name]
     if device.type == "cpu":
         features = bfloat16_features()
-        picked = torch.bfloat16 if features and kernel_backend != "torch" else torch.float32
+        picked = torch.bfloat16 if features and kernel_backend in ("auto", "native") else torch.float32
         log.warning("dtype auto: %s linear weights (bfloat16 products on this CPU: %s; kernel backend %s)",
                     str(picked).removeprefix("torch."), features or "none", kernel_backend)
         return picked

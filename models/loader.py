@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,7 +90,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     path = Path(path)
-    kernels_usable = kernel_backend != "torch" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    kernels_usable = kernel_backend in ("auto", "native") and device.type == "cpu" \
+        and dtype in (torch.float32, torch.bfloat16)
     if quantization in ("int8", "int4") and not kernels_usable:
         raise ValueError(f"--quantization {quantization} runs in the native kernels: on the CPU with float32 or "
                          f"bfloat16, not {dtype} on {device} with the {kernel_backend} kernel backend")
@@ -112,8 +114,30 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
     model.load_weights(weights)
     if kernels is not None:
         _use_kernels(model, kernels, quantization, dtype)
+    elif (attention := _triton_attention(kernel_backend, cfg, device)) is not None:
+        for module in model.modules():
+            if isinstance(module, PagedAttention):
+                module.decode_kernel = attention
     _drop_grids(model)
     return model.eval().requires_grad_(False)
+
+
+def _triton_attention(backend: str, cfg: ModelConfig, device: torch.device):
+    """Triton's paged attention (`models.triton_attention`) for the `triton` backend, and for `auto` on CUDA where
+    Triton is installed; None for the PyTorch path. On the CPU it runs only under Triton's interpreter (tests)."""
+    if not (backend == "triton" or (backend == "auto" and device.type == "cuda")):
+        return None
+    try:
+        from models.triton_attention import TritonPagedAttention
+    except ImportError as error:
+        if backend == "triton":
+            raise ValueError(f"--kernel-backend triton needs Triton: {error}") from error
+        log.warning("attention runs on the PyTorch path: Triton is not installed (%s)", error)
+        return None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--kernel-backend triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests)")
+    log.warning("attention: Triton paged kernel on %s", device)
+    return TritonPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
 
 def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "none",

@@ -320,7 +320,7 @@ def pick_kernels(backend: str, cfg: ModelConfig, dtype: torch.dtype, device: tor
     if backend == "native" and not usable:
         raise ValueError(f"the native kernel backend runs on the CPU with float32 or bfloat16 weights and KV cache, "
                          f"not {dtype} weights and a {cache_dtype} cache on {device}")
-    if backend == "torch" or not usable:
+    if backend in ("torch", "triton") or not usable:
         return None
     try:
         start = time.perf_counter()

@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
                    help="native: decode attention, RMSNorm, linear and Llama decoder layers in C kernels compiled at "
-                        "start (on the CPU, float32 activations; auto uses them there when gcc is found); torch: "
-                        "PyTorch operations only")
+                        "start (on the CPU, float32 activations; auto uses them there when gcc is found); triton: "
+                        "paged attention in Triton, the rest in PyTorch (auto uses it on CUDA where Triton is "
+                        "installed); torch: PyTorch operations only")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="linear weights in blocks of 32 integers with a scale and offset, run with int8 activations "
                         "in the native kernels: auto keeps a GGUF's quantized weights so (Q8_0, Q4_0, Q4_1, Q4_K as "

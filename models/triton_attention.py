@@ -1,0 +1,102 @@
+"""Paged attention in Triton, for CUDA: every query token, a prompt's too, attends over its own sequence's keys and
+values, read in place from the block pool through the block table (the PyTorch path copies them out first), with the
+query heads that share a KV head computed together. One kernel serves decode and prefill, chunked prefill and prefix
+hits alike: the same call as the native CPU kernel's (`PagedDecodeKernel`), so it plugs in as `decode_kernel`.
+
+A program takes a tile of up to TILE consecutive queries of one sequence and one KV head: its rows are (query, head
+of the group), each with its own context length (a prompt's causal mask), and it walks the longest of them in
+chunks of CHUNK tokens with an online softmax (flash attention's rescaling). The grid is (sequences, tiles of the
+longest run of queries a sequence can have, KV heads); tiles past a sequence's queries return at once. It runs on the
+CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which is how it is tested without a GPU."""
+import torch
+import triton
+import triton.language as tl
+
+TILE = 16  # queries of one sequence in a program
+CHUNK = 32  # context tokens a loop step reads
+
+
+@triton.jit
+def _paged_attention(q, keys, values, out, block_tables, query_starts, context_lens, scale, table_width, block_size,
+                     GROUP: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
+                     ROWS: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, EXACT: tl.constexpr):
+    seq, tile, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    begin, end = tl.load(query_starts + seq), tl.load(query_starts + seq + 1)
+    first = begin + tile * TILE
+    if first < end:
+        context = tl.load(context_lens + seq)
+        rows, dims = tl.arange(0, ROWS), tl.arange(0, DIM)
+        query = first + rows // GROUP
+        valid = (rows < TILE * GROUP) & (query < end)
+        lengths = tl.where(valid, context - (end - 1 - query), 1)  # each row's causal context
+        longest = tl.max(lengths, 0)
+        heads = head * GROUP + rows % GROUP
+        dim_ok = dims < HEAD_DIM
+        q_rows = tl.load(q + (query[:, None] * KV_HEADS * GROUP + heads[:, None]) * HEAD_DIM + dims[None, :],
+                         mask=valid[:, None] & dim_ok[None, :], other=0.0)
+        top = tl.full((ROWS,), float("-inf"), tl.float32)
+        total = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, DIM), tl.float32)
+        for start in range(0, longest, CHUNK):
+            tokens = start + tl.arange(0, CHUNK)
+            present = tokens < longest
+            block = tl.load(block_tables + seq * table_width + tokens // block_size, mask=present, other=0)
+            at = ((block * block_size + tokens % block_size) * KV_HEADS + head) * HEAD_DIM
+            where = at[:, None] + dims[None, :]
+            both = present[:, None] & dim_ok[None, :]
+            k = tl.load(keys + where, mask=both, other=0.0)
+            v = tl.load(values + where, mask=both, other=0.0)
+            if EXACT:
+                scores = tl.dot(q_rows, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q_rows.to(k.dtype), tl.trans(k)) * scale
+            scores = tl.where(tokens[None, :] < lengths[:, None], scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, 1))
+            weights = tl.exp(scores - new_top[:, None])
+            rescale = tl.exp(top - new_top)
+            total = total * rescale + tl.sum(weights, 1)
+            if EXACT:
+                acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+            top = new_top
+        result = acc / total[:, None]
+        tl.store(out + (query[:, None] * KV_HEADS * GROUP + heads[:, None]) * HEAD_DIM + dims[None, :],
+                 result.to(out.dtype.element_ty), mask=valid[:, None] & dim_ok[None, :])
+
+
+class TritonPagedAttention:
+    """(q [queries, heads, head_dim], cache [2, blocks, block_size, kv_heads, head_dim], block_tables [seqs, width],
+    context_lens [seqs], scale, query_starts [seqs + 1]) -> [queries, heads, head_dim], as `PagedDecodeKernel`:
+    sequence s's queries are q[query_starts[s]:query_starts[s + 1]], the last of which sees its first
+    context_lens[s] cached tokens and each one before it one token fewer."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float, query_starts: torch.Tensor | None = None) -> torch.Tensor:
+        seqs, group = len(block_tables), self.num_heads // self.num_kv_heads
+        if query_starts is None:
+            query_starts = torch.arange(len(q) + 1, device=q.device)
+        if q.shape[1:] != (self.num_heads, self.head_dim) or cache.shape[0] != 2 \
+                or cache.shape[3:] != (self.num_kv_heads, self.head_dim) or not len(context_lens) == seqs \
+                == len(query_starts) - 1 or len({q.device, cache.device, block_tables.device}) != 1:
+            raise ValueError(f"paged attention takes q [queries, {self.num_heads}, {self.head_dim}], a cache of "
+                             f"{self.num_kv_heads} KV heads of {self.head_dim} and a table, a length and a query start "
+                             f"per sequence, on one device; got q {tuple(q.shape)}, cache {tuple(cache.shape)}, "
+                             f"{seqs} tables, {len(context_lens)} lengths, {len(query_starts)} starts")
+        q, cache, block_tables = q.contiguous(), cache.contiguous(), block_tables.contiguous()
+        out = torch.empty_like(q)
+        if seqs == 0:
+            return out
+        most_queries = len(q) - seqs + 1  # every sequence has at least one query
+        tile = TILE if most_queries > 1 else 1  # decode: one query a sequence
+        grid = (seqs, triton.cdiv(most_queries, tile), self.num_kv_heads)
+        _paged_attention[grid](q, cache[0], cache[1], out, block_tables, query_starts.contiguous(),
+                               context_lens.contiguous(), scale, block_tables.shape[1], cache.shape[2],
+                               GROUP=group, KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim,
+                               DIM=max(16, triton.next_power_of_2(self.head_dim)),
+                               ROWS=max(16, triton.next_power_of_2(tile * group)), TILE=tile, CHUNK=CHUNK,
+                               EXACT=q.dtype == torch.float32 and cache.dtype == torch.float32)
+        return out
