@@ -76,7 +76,7 @@ class TritonPagedAttention:
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  scale: float, query_starts: torch.Tensor | None = None) -> torch.Tensor:
-        seqs, group = len(block_tables), self.num_heads // self.num_kv_heads
+        seqs = len(block_tables)
         if query_starts is None:
             query_starts = torch.arange(len(q) + 1, device=q.device)
         if q.shape[1:] != (self.num_heads, self.head_dim) or cache.shape[0] != 2 \
@@ -95,8 +95,13 @@ class TritonPagedAttention:
         grid = (seqs, triton.cdiv(most_queries, tile), self.num_kv_heads)
         _paged_attention[grid](q, cache[0], cache[1], out, block_tables, query_starts.contiguous(),
                                context_lens.contiguous(), scale, block_tables.shape[1], cache.shape[2],
-                               GROUP=group, KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim,
-                               DIM=max(16, triton.next_power_of_2(self.head_dim)),
-                               ROWS=max(16, triton.next_power_of_2(tile * group)), TILE=tile, CHUNK=CHUNK,
-                               EXACT=q.dtype == torch.float32 and cache.dtype == torch.float32)
+                               **self.constants(tile, q.dtype == torch.float32 and cache.dtype == torch.float32))
         return out
+
+    def constants(self, tile: int, exact: bool) -> dict:
+        """The kernel's compile-time constants for tiles of `tile` queries; `exact`: float32 products (IEEE, not
+        TF32), for float32 queries and cache."""
+        group = self.num_heads // self.num_kv_heads
+        return dict(GROUP=group, KV_HEADS=self.num_kv_heads, HEAD_DIM=self.head_dim,
+                    DIM=max(16, triton.next_power_of_2(self.head_dim)),
+                    ROWS=max(16, triton.next_power_of_2(tile * group)), TILE=tile, CHUNK=CHUNK, EXACT=exact)

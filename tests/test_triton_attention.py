@@ -2,6 +2,9 @@
 1 and 16 and others, GQA ratios 1 and 3, contexts that end mid-block, prompts over a partly cached prefix beside
 decoding sequences, and a model wired to it by `--kernel-backend triton`."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +72,15 @@ def test_a_model_on_the_triton_backend_decodes_as_the_pytorch_path(tmp_path):
         assert isinstance(attention.decode_kernel, TritonPagedAttention) == (backend == "triton")
         outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     assert outputs["triton"] == outputs["torch"]
+
+
+@pytest.mark.parametrize("capability", [80, 90])  # A100, H100/H200
+def test_the_kernel_compiles_for_nvidia_gpus(capability):
+    """What the interpreter would let pass and the compiler would not: the kernel compiled to PTX and a cubin for
+    the GPU, as the wrapper launches it, with no GPU at hand. In a process of its own: Triton builds its kernels for
+    either the interpreter or a GPU, once per process."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.triton_compile", str(capability)], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["bf16/1", "bf16/16", "fp32/16"]
