@@ -6,6 +6,7 @@ import ctypes
 import os
 import platform
 import shutil
+from pathlib import Path
 
 import openai
 import pytest
@@ -74,13 +75,17 @@ def test_the_bfloat16_kernel_on_each_path_matches_the_reference(monkeypatch, fla
 
 @x86
 def test_the_paths_without_tiles_agree_bit_for_bit(monkeypatch):
-    """`vdpbf16ps` and the widened float32 arithmetic add the same products in the same order."""
+    """`vdpbf16ps` and the widened float32 arithmetic add the same products in the same order, each rounded once:
+    on Intel's CPUs (as its manual specifies, and checked), the same bits; elsewhere (AMD's implementation is not
+    checked here) within float32 rounding."""
     results = []
     for flags in NARROWER[:2]:
         monkeypatch.setenv("CC", f"gcc {flags}")
         kernel = compile_kernels(4, 2, 16).bf16linear
         results.append([kernel(x, kernel.pack(w), b, n) for x, w, b, n in _cases()])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for tiles_off, widened in zip(*results):
+        torch.testing.assert_close(tiles_off, widened, rtol=1e-6, atol=1e-5)
+        assert torch.equal(tiles_off, widened) or "GenuineIntel" not in Path("/proc/cpuinfo").read_text()
 
 
 def test_the_bfloat16_kernel_refuses_what_it_was_not_packed_for():
