@@ -1,7 +1,13 @@
-import pytest
-import torch
+import os
 
-from models.default_model import resolve_model
+# Triton's kernels run under its CPU interpreter in the tests (tests/test_triton_attention.py). Triton reads this as
+# its modules are imported, and transformers imports it with itself: so it is set before any test module loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models.default_model import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

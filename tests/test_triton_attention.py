@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton compiles anything: run its kernels on the CPU
 pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # conftest.py sets it
+    pytest.skip("Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1", allow_module_level=True)
 
 from engine import LLM, SamplingParams  # noqa: E402
 from models.attention import AttentionMetadata, PagedAttention  # noqa: E402
 from models.triton_attention import TILE, TritonPagedAttention  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 from tests.test_native_kernels import decode_case, paged_case  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
