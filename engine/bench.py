@@ -52,14 +52,16 @@ def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
 
 
 def run_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
-    """Batched and left-padded, as transformers documents batched generation."""
+    """Batched and left-padded, as transformers documents batched generation, on the model's device."""
     width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == width + new_tokens
     return len(prompts) * new_tokens / elapsed

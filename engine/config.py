@@ -10,6 +10,8 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | native (the compiled CPU kernels; see models/native.py)
     quantization: str = "auto"  # auto (a GGUF's quantized weights as they are) | none | int8 | int4: models/quant.py
     kv_cache_dtype: str = "auto"  # auto (bfloat16 where dtype resolves to it, else float32) | float32 | bfloat16
+    load_format: str = "auto"  # auto (the checkpoint's weights) | dummy (random ones of its shape, for benchmarks)
+    enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory (after loading) for the KV cache
@@ -17,7 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
     # Tokens one step may compute. Default: 512 on the CPU, 8192 on a GPU with chunked prefill (see
-    # `LLMEngine._default_token_budget`); max_model_len without it, so that a whole prompt runs in one step.
+    # `runner.CHUNKED_PREFILL_TOKENS`); max_model_len without it, so that a whole prompt runs in one step.
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True  # a long prompt is computed over several steps, beside running decodes
     enable_prefix_caching: bool = True  # full KV blocks are kept and reused by prompts that begin alike

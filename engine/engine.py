@@ -54,7 +54,7 @@ class LLMEngine:
         self.model_config = load_config(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(config, self.model_path, self.model_config)
+        self.runner = ModelRunner(config, self.model_path, self.model_config, self.max_model_len)
         self.pool = BlockPool(self.runner.num_blocks)
         budget = config.max_num_batched_tokens or self._default_token_budget()
         if budget < self.max_model_len and not config.enable_chunked_prefill:
@@ -69,14 +69,8 @@ class LLMEngine:
         self._lock = threading.RLock()
 
     def _default_token_budget(self) -> int:
-        """Without chunked prefill a whole prompt must fit a step. With it, on the CPU, 512 tokens: running streams
-        then get a token about every second while a long prompt comes in on a two-core machine (measured on a
-        2,048-token prompt of the default model: steps of 1.1 s at 512 tokens, 3.3 s at 2,048), for about 30% less
-        prefill throughput than 2,048-token steps (433 against 623 tokens/s); more cores shorten the steps. On a GPU
-        8192, vLLM's default for online serving (not measured here: no GPU)."""
-        if not self.config.enable_chunked_prefill:
-            return self.max_model_len
-        return 512 if self.runner.device.type == "cpu" else 8192
+        """Without chunked prefill a whole prompt must fit a step; with it, the runner's step size for its device."""
+        return self.runner.chunked_prefill_tokens if self.config.enable_chunked_prefill else self.max_model_len
 
     @_one_at_a_time
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

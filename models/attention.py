@@ -19,29 +19,30 @@ KVCache = torch.Tensor
 
 @dataclass
 class AttentionMetadata:
-    """Where a flat batch of tokens sits in the cache. Sequences with several new tokens come first."""
+    """Where a flat batch of tokens sits in the cache. Sequences with several new tokens come first. The kernels read
+    the tensors alone (a CUDA graph records them as fixed buffers); the lists serve the PyTorch path."""
     query_lens: list[int]  # new tokens per sequence
     context_lens: list[int]  # tokens in the cache per sequence once this step's tokens are written
     num_prefills: int  # the first sequences, which have more than one new token
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot (block * block_size + offset) of each new token
     block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids of each sequence, padded with 0
     decode_context_lens: torch.Tensor  # [num_seqs - num_prefills] context_lens of the one-token sequences
+    # [num_seqs + 1]: where each sequence's new tokens begin in the flat batch, then where the last one ends
+    query_starts: torch.Tensor | None = None
+    context_lens_tensor: torch.Tensor | None = None  # [num_seqs]: context_lens as a tensor
+
+    def __post_init__(self):
+        device = self.slot_mapping.device
+        if self.query_starts is None:
+            self.query_starts = torch.tensor([0, *itertools.accumulate(self.query_lens)], device=device)
+        if self.context_lens_tensor is None:
+            self.context_lens_tensor = torch.tensor(self.context_lens, device=device)
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
         """[num_decodes, 1, 1, longest context]: which cached positions each one-token sequence sees."""
         lens = self.decode_context_lens
         return (torch.arange(int(lens.max()), device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
-
-    @cached_property
-    def query_starts(self) -> torch.Tensor:
-        """[num_seqs + 1]: where each sequence's new tokens begin in the flat batch, then where the last one ends."""
-        return torch.tensor([0, *itertools.accumulate(self.query_lens)], device=self.slot_mapping.device)
-
-    @cached_property
-    def context_lens_tensor(self) -> torch.Tensor:
-        """[num_seqs]: context_lens as a tensor."""
-        return torch.tensor(self.context_lens, device=self.slot_mapping.device)
 
     @cached_property
     def seq_len_per_token(self) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionMetadata, KVCache
+from models.attention import AttentionMetadata, KVCache, PagedAttention
 from models.config import ModelConfig
 from models.layers import Linear, RotaryEmbedding
 
@@ -37,6 +37,13 @@ class CausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches):
             h = layer(h, rotation, cache, meta)
         return self.model.norm(h)
+
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether a step reads the batch's metadata through its tensors alone and never waits on the device (every
+        attention runs a paged kernel; dynamic rotary scaling computes on the host), so a CUDA graph can record it."""
+        return not self.rotary.needs_seq_lens and all(
+            module.decode_kernel is not None for module in self.modules() if isinstance(module, PagedAttention))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         tied = self.lm_head is None

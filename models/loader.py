@@ -19,7 +19,7 @@ from models.gguf_file import open_gguf
 from models.layers import GatedMLP, Linear, RMSNorm
 from models.llama import LlamaDecoderLayer
 from models.native import NativeKernels, pick_kernels
-from models.options import QUANTIZATIONS
+from models.options import LOAD_FORMATS, QUANTIZATIONS
 from models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,20 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kernel_backend: str = "auto",
-               quantization: str = "auto", kv_cache_dtype: torch.dtype = torch.float32) -> nn.Module:
+               quantization: str = "auto", kv_cache_dtype: torch.dtype = torch.float32,
+               load_format: str = "auto") -> nn.Module:
     """Build the model for the checkpoint at `path` on `device`, fill its weights, and give its attention, RMSNorm,
     MLP activation, linear and (Llama) decoder layers the native kernels that `kernel_backend` picks (see
     `models.native.pick_kernels`), compiled for a KV cache of `kv_cache_dtype`, with the linear weights
     `quantization` asks for: `auto` runs a GGUF's quantized weights in their blocks, `none` in `dtype`, `int8` and
     `int4` every linear weight in blocks of that many bits (see `models.quant`). With the native kernels the
     activations are float32 and `dtype` (float32 or bfloat16) is that of the float linear weights; without them the
-    whole model is in `dtype`. Quantized weights need the native kernels."""
+    whole model is in `dtype`. Quantized weights need the native kernels. `load_format` `dummy` fills the weights
+    randomly and reads none from the checkpoint (its config alone): for benchmarks of a model's shape."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     path = Path(path)
     kernels_usable = kernel_backend in ("auto", "native") and device.type == "cpu" \
         and dtype in (torch.float32, torch.bfloat16)
@@ -111,7 +115,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
         model = cls(cfg)
     # In its dtype from the start (no float32 copy on the GPU); float32 for the kernels, which pack the weights.
     model = model.to(dtype if kernels is None else torch.float32).to_empty(device=device)
-    model.load_weights(weights)
+    if load_format == "dummy":
+        _fill_randomly(model)
+    else:
+        model.load_weights(weights)
+    model.rotary.inv_freq = model.rotary.inv_freq.to(device)  # once: a copy from the host each step stalls a GPU
     if kernels is not None:
         _use_kernels(model, kernels, quantization, dtype)
     elif (attention := _triton_attention(kernel_backend, cfg, device)) is not None:
@@ -120,6 +128,18 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
                 module.decode_kernel = attention
     _drop_grids(model)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _fill_randomly(model: nn.Module) -> None:
+    """Weights uniform in ±1e-3 (vLLM's dummy range: activations stay small through any depth), norms' weights 1
+    and their biases 0, from a fixed seed on the model's device."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            param.uniform_(-1e-3, 1e-3, generator=generator)
 
 
 def _triton_attention(backend: str, cfg: ModelConfig, device: torch.device):

@@ -23,7 +23,8 @@ from server.serving import Served
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format,
+        enforce_eager=args.enforce_eager, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,

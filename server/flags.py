@@ -4,7 +4,7 @@ import argparse
 import json
 
 from models.default_model import DEFAULT_MODEL
-from models.options import DTYPES, KERNEL_BACKENDS, KV_CACHE_DTYPES, QUANTIZATIONS
+from models.options import DTYPES, KERNEL_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS
 from server.config import ServerConfig
 from server.tool_parsers import PARSERS
 
@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in the native kernels: auto keeps a GGUF's quantized weights so (Q8_0, Q4_0, Q4_1, Q4_K as "
                         "they are; other types in 8 bits), none runs float32, int8 and int4 quantize every linear "
                         "weight at load")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="dummy: random weights of the checkpoint's shape, none read from its files (benchmarks)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: launch each decode step's kernels one by one (graphs are recorded at start "
+                        "for decode batches of up to --max-num-seqs sequences)")
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="KV cache size on the CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU memory free after loading that the KV cache takes")

@@ -10,6 +10,31 @@ import torch  # noqa: E402
 from models.default_model import resolve_model  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the parity tests run their models (tests/gpu_check.sh passes cuda)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of `--device`: the parity tests run there (the oracle too)."""
+    if request.config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda, but CUDA is not available")
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def default_model_path():
     """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched once into the user cache."""

@@ -24,29 +24,31 @@ FAULTS = Path(__file__).parent / "faults"  # the fault-injection hooks: see faul
 
 
 class SingleSequence:
-    """One sequence written into a private block pool, `block_size` tokens a block."""
+    """One sequence written into a private block pool, `block_size` tokens a block, on the model's device."""
 
-    def __init__(self, model, capacity: int, block_size: int = 4):
+    def __init__(self, model, capacity: int, block_size: int = 4, cache_dtype: torch.dtype = torch.float32):
         cfg = model.config
         num_blocks = -(-capacity // block_size)
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.model, self.block_size = model, block_size
-        self.caches = [torch.zeros(shape) for _ in range(cfg.num_layers)]
+        self.device = model.model.embed_tokens.weight.device
+        self.caches = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(cfg.num_layers)]
         # Use the blocks in reverse so that block order and token order differ.
-        self.table = torch.arange(num_blocks - 1, -1, -1)
+        self.table = torch.arange(num_blocks - 1, -1, -1, device=self.device)
         self.length = 0
 
     @torch.inference_mode()
     def feed(self, ids: list[int]) -> torch.Tensor:
-        """Append tokens; returns the logits of each new position, [len(ids), vocab]."""
-        positions = torch.arange(self.length, self.length + len(ids))
+        """Append tokens; returns the logits of each new position, [len(ids), vocab], on the model's device."""
+        positions = torch.arange(self.length, self.length + len(ids), device=self.device)
         self.length += len(ids)
         slots = self.table[positions // self.block_size] * self.block_size + positions % self.block_size
         prefill = len(ids) > 1
         meta = AttentionMetadata(
             query_lens=[len(ids)], context_lens=[self.length], num_prefills=int(prefill), slot_mapping=slots,
-            block_tables=self.table[None], decode_context_lens=torch.tensor([] if prefill else [self.length]))
-        hidden = self.model(torch.tensor(ids), positions, self.caches, meta)
+            block_tables=self.table[None],
+            decode_context_lens=torch.tensor([] if prefill else [self.length], device=self.device))
+        hidden = self.model(torch.tensor(ids, device=self.device), positions, self.caches, meta)
         return self.model.compute_logits(hidden)
 
 

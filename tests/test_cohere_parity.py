@@ -1,4 +1,5 @@
-"""Our Cohere against transformers' CohereForCausalLM on tiny random checkpoints, in float32."""
+"""Our Cohere against transformers' CohereForCausalLM on tiny random checkpoints, in float32, on the CPU or, with
+`--device cuda`, on a GPU."""
 import pytest
 import torch
 from transformers import CohereConfig, CohereForCausalLM as HFCohere
@@ -18,18 +19,18 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, device):
     torch.manual_seed(0)
     hf = HFCohere(CohereConfig(**{**BASE, **CONFIGS[request.param]})).eval()
     _randomize_norms(hf)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
-    return hf, load_model(folder, torch.float32, torch.device("cpu"))
+    return hf.to(device), load_model(folder, torch.float32, device)
 
 
-def test_prefill_and_cached_decode_match(pair):
+def test_prefill_and_cached_decode_match(pair, device):
     hf, ours = pair
-    ids = torch.randint(0, hf.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, hf.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).to(device)
     seq = SingleSequence(ours, 32, block_size=3)
     with torch.inference_mode():
         out = hf(ids[None], use_cache=True)

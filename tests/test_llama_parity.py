@@ -1,4 +1,5 @@
-"""Our Llama against transformers' LlamaForCausalLM on tiny random checkpoints, in float32."""
+"""Our Llama against transformers' LlamaForCausalLM on tiny random checkpoints, in float32, on the CPU or, with
+`--device cuda`, on a GPU (the Triton attention kernel there)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
@@ -33,29 +34,33 @@ def _randomize_norms(model: torch.nn.Module) -> None:
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, device):
     torch.manual_seed(0)
     hf = HFLlama(LlamaConfig(**{**BASE, **CONFIGS[request.param]})).eval()
     _randomize_norms(hf)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder, max_shard_size="100KB")  # sharded, with model.safetensors.index.json
     assert (folder / "model.safetensors.index.json").exists()
-    return hf, load_model(folder, torch.float32, torch.device("cpu"))
+    return hf.to(device), load_model(folder, torch.float32, device)
 
 
-def test_prefill_logits_match(pair):
+def _ids(seed: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def test_prefill_logits_match(pair, device):
     hf, ours = pair
-    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
+    ids = _ids(1, device)
     with torch.inference_mode():
         expected = hf(ids[None]).logits[0]
     got = SingleSequence(ours, PROMPT_LEN).feed(ids.tolist())
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def test_cached_decode_matches_incremental_transformers(pair):
+def test_cached_decode_matches_incremental_transformers(pair, device):
     """Prefill then one token at a time through paged blocks, as transformers' cached generation does."""
     hf, ours = pair
-    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(2))
+    ids = _ids(2, device)
     seq = SingleSequence(ours, PROMPT_LEN + DECODE_STEPS, block_size=3)
     with torch.inference_mode():
         out = hf(ids[None], use_cache=True)
@@ -68,13 +73,13 @@ def test_cached_decode_matches_incremental_transformers(pair):
             token = out.logits[0, -1].argmax()
 
 
-def test_prefill_after_cached_tokens_matches(pair):
+def test_prefill_after_cached_tokens_matches(pair, device):
     """New tokens that attend to earlier ones already in the cache (the path prefix caching and chunked
     prefill will take) give the same logits as one full prefill."""
     hf, ours = pair
     if hf.config.rope_parameters["rope_type"] == "dynamic":
         pytest.skip("dynamic scaling rotates the first chunk with the shorter length, as transformers' cache does")
-    ids = torch.randint(0, BASE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(3))
+    ids = _ids(3, device)
     seq = SingleSequence(ours, PROMPT_LEN, block_size=5)
     seq.feed(ids[:13].tolist())
     with torch.inference_mode():
