@@ -39,6 +39,7 @@ class AsyncLLMEngine:
         self._step_started: float | None = None  # monotonic time the step in progress began; None between steps
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        engine.on_failure(lambda error: self._inbox.put(("fail", None, error)))  # a rank died, even while idle
 
     @property
     def alive(self) -> bool:
@@ -88,6 +89,8 @@ class AsyncLLMEngine:
         if message is None:
             return
         kind, request_id, payload = message
+        if kind == "fail":
+            raise payload
         if kind == "stop":
             self._running = False
             return

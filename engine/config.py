@@ -11,6 +11,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto (a GGUF's quantized weights as they are) | none | int8 | int4: models/quant.py
     kv_cache_dtype: str = "auto"  # auto (bfloat16 where dtype resolves to it, else float32) | float32 | bfloat16
     load_format: str = "auto"  # auto (the checkpoint's weights) | dummy (random ones of its shape, for benchmarks)
+    tensor_parallel_size: int = 1  # ranks that split the model (engine/parallel.py, models/parallel.py)
     enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_gib: float = 2.0  # KV cache size on the CPU
@@ -33,5 +34,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be at least 0, got {self.max_logprobs}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")

@@ -72,6 +72,11 @@ class LLMEngine:
         """Without chunked prefill a whole prompt must fit a step; with it, the runner's step size for its device."""
         return self.runner.chunked_prefill_tokens if self.config.enable_chunked_prefill else self.max_model_len
 
+    def on_failure(self, callback) -> None:
+        """`callback(error)` runs, on another thread, if a tensor-parallel rank dies: no step can run after it."""
+        if self.runner.group is not None:
+            self.runner.group.on_failure(callback)
+
     @_one_at_a_time
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None) -> str:

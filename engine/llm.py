@@ -5,6 +5,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.params import SamplingParams
+from engine.worker import serve_if_torchrun_worker
 
 Prompt = str | list[int]
 
@@ -14,7 +15,9 @@ class LLM:
         known = {f.name for f in fields(EngineConfig)}
         if unknown := set(engine_args) - known:
             raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        serve_if_torchrun_worker(config)
+        self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

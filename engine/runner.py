@@ -7,12 +7,14 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import CudaGraphRecorder, DecodeGraphs, Recorder, graph_batch_sizes
+from engine.parallel import RankGroup, check_devices, device_for_rank, launched_by_torchrun
 from engine.scheduler import ScheduledBatch
 from models.attention import AttentionMetadata, KVCache
 from models.config import DTYPES, ModelConfig
 from models.loader import load_model
 from models.native import bfloat16_features
 from models.options import KV_CACHE_DTYPES
+from models.parallel import TensorParallel, check_split, local_heads
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +75,26 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path, checkpoint: ModelConfig, max_model_len: int):
-        self.device = resolve_device(config.device)
+    """Rank `rank` of the model's tensor-parallel ranks (`engine/parallel.py`); rank 0, the engine's, starts the
+    others and leads them."""
+
+    def __init__(self, config: EngineConfig, model_path, checkpoint: ModelConfig, max_model_len: int, rank: int = 0):
+        self.tp = TensorParallel(rank, config.tensor_parallel_size)
+        self.device = device_for_rank(resolve_device(config.device), rank)
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.dtype, config.kernel_backend)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
         self.chunked_prefill_tokens = CHUNKED_PREFILL_TOKENS[self.device.type]
+        self.group = self._start_ranks(config, model_path, checkpoint, max_model_len) if self.tp.leads else None
         self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend,
-                                config.quantization, self.kv_cache_dtype, config.load_format)
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config, checkpoint)
+                                config.quantization, self.kv_cache_dtype, config.load_format, self.tp)
+        kv_heads = local_heads(checkpoint, self.tp)[1]
+        self.num_blocks = config.num_kv_blocks or self.tp.least(self._blocks_that_fit(config, checkpoint, kv_heads))
         if self.num_blocks < 1:
             raise ValueError("the KV cache holds no block: give it more memory")
         # One block beyond the pool's: the scratch block that the padding rows of a CUDA graph's batch write to.
-        shape = (2, self.num_blocks + 1, self.block_size, checkpoint.num_kv_heads, checkpoint.head_dim)
+        shape = (2, self.num_blocks + 1, self.block_size, kv_heads, checkpoint.head_dim)
         self.kv_caches: list[KVCache] = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
                                          for _ in range(checkpoint.num_layers)]
         log.warning("KV cache: %d blocks of %d tokens = %d tokens (%s, %s)", self.num_blocks, self.block_size,
@@ -95,6 +103,15 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self.capture_decode_graphs(CudaGraphRecorder(), graph_batch_sizes(config.max_num_seqs),
                                                      max_model_len)
+
+    def _start_ranks(self, config: EngineConfig, model_path, checkpoint: ModelConfig,
+                     max_model_len: int) -> RankGroup:
+        """Check that the ranks can split the model here, then start them (or join torchrun's)."""
+        check_devices(self.device, self.tp.size)
+        check_split(checkpoint, self.tp.size)
+        log.warning("tensor parallelism: %d ranks (%s)", self.tp.size, "torchrun's" if launched_by_torchrun()
+                    else "worker processes started here")
+        return RankGroup(config, model_path, max_model_len, self.device)
 
     def capture_decode_graphs(self, record: Recorder, sizes: list[int], max_model_len: int) -> DecodeGraphs | None:
         """Decode steps of up to max(sizes) sequences recorded by `record` (CUDA graphs, on CUDA), or None where
@@ -107,13 +124,15 @@ class ModelRunner:
             return DecodeGraphs.capture(self.model, self.kv_caches, sizes, -(-max_model_len // self.block_size),
                                         self.num_blocks * self.block_size, record)
 
-    def _blocks_that_fit(self, config: EngineConfig, checkpoint: ModelConfig) -> int:
+    def _blocks_that_fit(self, config: EngineConfig, checkpoint: ModelConfig, kv_heads: int) -> int:
+        """Blocks of this rank's KV heads that its memory holds."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * config.gpu_memory_utilization
         else:
             budget = config.kv_cache_memory_gib * 2 ** 30
-        bytes_per_block = checkpoint.kv_elements_per_token * self.block_size * self.kv_cache_dtype.itemsize
+        elements = 2 * checkpoint.num_layers * kv_heads * checkpoint.head_dim
+        bytes_per_block = elements * self.block_size * self.kv_cache_dtype.itemsize
         return int(budget // bytes_per_block)
 
     @torch.inference_mode()
@@ -121,9 +140,7 @@ class ModelRunner:
         """Logits of the last new token of each scheduled sequence, in batch order, and of every new prompt
         position of the sequences that score their prompt."""
         if batch.block_copies:  # choices forked from a prompt take a copy of its partial last block
-            sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*batch.block_copies))
-            for cache in self.kv_caches:
-                cache[:, destinations] = cache[:, sources]
+            self._on_every_rank("copy", batch.block_copies)
         counts = batch.num_new_tokens
         parts = [self._forward(batch.seqs[a:b], counts[a:b]) for a, b in self._split(counts)]
         last = parts[0].last if len(parts) == 1 else torch.cat([p.last for p in parts])  # decode: no copy
@@ -141,21 +158,7 @@ class ModelRunner:
 
     def _forward(self, seqs: list, counts: list[int]) -> StepLogits:
         batch = _BatchInputs.of(seqs, counts, self.block_size)
-        if self.graphs is not None and len(batch.input_ids) == len(seqs) and not any(batch.scoring):
-            logits = self.graphs.run(batch.input_ids, batch.positions, batch.slots, batch.context_lens,
-                                     [seq.block_table for seq in seqs])
-            if logits is not None:
-                return StepLogits(logits, [])
-        num_prefills = sum(n > 1 for n in counts)
-        width = max(len(seq.block_table) for seq in seqs)
-        tensor = lambda data: torch.tensor(data, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(
-            query_lens=list(counts), context_lens=batch.context_lens, num_prefills=num_prefills,
-            slot_mapping=tensor(batch.slots),
-            block_tables=tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]),
-            decode_context_lens=tensor(batch.context_lens[num_prefills:]))
-        hidden = self.model(tensor(batch.input_ids), tensor(batch.positions), self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[tensor([i for rows in batch.wanted for i in rows])])
+        logits = self._on_every_rank("forward", batch)
         if not any(batch.scoring):
             return StepLogits(logits, [])
         ends = list(itertools.accumulate(len(rows) for rows in batch.wanted))
@@ -164,21 +167,57 @@ class ModelRunner:
         last = logits if len(logits) == len(seqs) else logits[[end - 1 for end in ends]]
         return StepLogits(last, prompts)
 
+    def _on_every_rank(self, order: str, payload):
+        """Do `order` here and, with tensor parallelism, have every other rank do it with us."""
+        if self.group is not None:
+            self.group.send(order, payload)
+        return self.handle(order, payload)
+
+    @torch.inference_mode()
+    def handle(self, order: str, payload) -> torch.Tensor | None:
+        """One order, on any rank: "copy" [(source, destination)] blocks, or "forward" a batch (its logits)."""
+        if order == "copy":
+            sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*payload))
+            for cache in self.kv_caches:
+                cache[:, destinations] = cache[:, sources]
+            return None
+        return self._logits(payload)
+
+    def _logits(self, batch: "_BatchInputs") -> torch.Tensor:
+        """The model on the batch: logits of its wanted rows."""
+        if self.graphs is not None and len(batch.input_ids) == len(batch.context_lens) and not any(batch.scoring):
+            logits = self.graphs.run(batch.input_ids, batch.positions, batch.slots, batch.context_lens,
+                                     batch.block_tables)
+            if logits is not None:
+                return logits
+        num_prefills = sum(n > 1 for n in batch.query_lens)
+        width = max(map(len, batch.block_tables))
+        tensor = lambda data: torch.tensor(data, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            query_lens=batch.query_lens, context_lens=batch.context_lens, num_prefills=num_prefills,
+            slot_mapping=tensor(batch.slots),
+            block_tables=tensor([table + [0] * (width - len(table)) for table in batch.block_tables]),
+            decode_context_lens=tensor(batch.context_lens[num_prefills:]))
+        hidden = self.model(tensor(batch.input_ids), tensor(batch.positions), self.kv_caches, meta)
+        return self.model.compute_logits(hidden[tensor([i for rows in batch.wanted for i in rows])])
+
 
 @dataclass
 class _BatchInputs:
-    """A step's new tokens, flat, and where each goes in the cache."""
+    """A forward pass's new tokens, flat, and where each goes in the cache: what rank 0 sends the other ranks."""
     input_ids: list[int]
     positions: list[int]
     slots: list[int]  # flat cache slot of each token
+    query_lens: list[int]  # per sequence, its new tokens
     context_lens: list[int]  # per sequence, once the step's tokens are in
+    block_tables: list[list[int]]  # per sequence
     wanted: list[range]  # per sequence, the rows whose logits the step returns
     scoring: list[bool]  # per sequence, whether it scores its prompt
 
     @classmethod
     def of(cls, seqs: list, counts: list[int], block_size: int) -> "_BatchInputs":
-        batch = cls([], [], [], [seq.num_computed_tokens + n for seq, n in zip(seqs, counts)], [],
-                    [_scores_prompt(seq) for seq in seqs])
+        batch = cls([], [], [], list(counts), [seq.num_computed_tokens + n for seq, n in zip(seqs, counts)],
+                    [seq.block_table for seq in seqs], [], [_scores_prompt(seq) for seq in seqs])
         for seq, count, scores in zip(seqs, counts, batch.scoring):
             start, first = seq.num_computed_tokens, len(batch.input_ids)
             span = range(start, start + count)

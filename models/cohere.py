@@ -12,6 +12,7 @@ from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from models.layers import GatedMLP, apply_rotary
 from models.llama import FUSED, GGUF_LAYER, LlamaAttention, gguf_name_to_hf
+from models.parallel import TensorParallel, local_heads
 from models.weights import load_weights
 
 
@@ -32,10 +33,11 @@ class LayerNorm(nn.Module):
 class CohereAttention(LlamaAttention):
     """Llama's projections, plus optional per-head Q/K norms applied before the rotation."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.q_norm = LayerNorm((cfg.num_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = LayerNorm((cfg.num_kv_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__(cfg, tp)
+        heads, kv_heads = local_heads(cfg, tp)
+        self.q_norm = LayerNorm((heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = LayerNorm((kv_heads, cfg.head_dim), cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rotation: torch.Tensor, cache: KVCache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -48,20 +50,21 @@ class CohereAttention(LlamaAttention):
 
 
 class CohereDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = CohereAttention(cfg)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.self_attn = CohereAttention(cfg, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, cfg.mlp_bias)
 
     def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         normed = self.input_layernorm(x)
-        return x + self.self_attn(normed, rotation, cache, meta) + self.mlp(normed)
+        return x + self.tp.all_reduce(self.self_attn(normed, rotation, cache, meta) + self.mlp(normed))  # one sum
 
 
 class CohereForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, CohereDecoderLayer, LayerNorm(cfg.hidden_size, cfg.norm_eps))
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = TensorParallel()):
+        super().__init__(cfg, CohereDecoderLayer, LayerNorm(cfg.hidden_size, cfg.norm_eps), tp=tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights, FUSED, rotary_heads={})  # checkpoints already rotate interleaved pairs

@@ -37,11 +37,6 @@ class ModelConfig:
     qk_norm: bool = False  # a LayerNorm over each head of Q and K (Command-R+)
     dtype: torch.dtype = torch.float32  # the checkpoint's own dtype
 
-    @property
-    def kv_elements_per_token(self) -> int:
-        """Numbers of K and V that one token keeps in the cache, over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

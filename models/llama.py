@@ -10,6 +10,7 @@ from models.attention import AttentionMetadata, KVCache, PagedAttention
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from models.layers import FusedLinear, GatedMLP, Linear, RMSNorm, apply_rotary, regroup_rotary
+from models.parallel import TensorParallel, local_heads
 from models.weights import load_weights
 
 # Checkpoint projections that live inside one fused matrix here: name -> (fused name, shard index).
@@ -26,12 +27,15 @@ GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """This rank's heads (all of them on one rank): its output is a partial sum over the ranks."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        heads, kv_heads = local_heads(cfg, tp)
+        self.q_size, self.kv_size = heads * cfg.head_dim, kv_heads * cfg.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.attention_bias)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attn = PagedAttention(heads, kv_heads, cfg.head_dim)
 
     def forward(self, x, rotation: torch.Tensor, cache: KVCache, meta: AttentionMetadata):
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -41,12 +45,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // tp.size, cfg.mlp_bias)
         # (x, rotation, cache, meta) -> this layer's output, in one call: set at load (the native CPU kernel), or None
         # for the steps below. It runs every step, prompt chunks included: a token then always takes the same path,
         # and its output does not depend on the batch.
@@ -55,19 +60,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, rotation, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         if self.decode_kernel is not None:
             return self.decode_kernel(x, rotation, cache, meta)
-        x = x + self.self_attn(self.input_layernorm(x), rotation, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.tp.all_reduce(self.self_attn(self.input_layernorm(x), rotation, cache, meta))
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = TensorParallel()):
         embed_norm = nn.LayerNorm(cfg.hidden_size, eps=1e-5) if cfg.embedding_norm else None
-        super().__init__(cfg, LlamaDecoderLayer, RMSNorm(cfg.hidden_size, cfg.norm_eps), embed_norm)
+        super().__init__(cfg, LlamaDecoderLayer, RMSNorm(cfg.hidden_size, cfg.norm_eps), embed_norm, tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        cfg = self.config
-        load_weights(self, self._take_frequency_factors(weights), FUSED,
-                     {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads})
+        """Whole checkpoint tensors, or this rank's slices of them (`models.parallel.checkpoint_slice`)."""
+        heads, kv_heads = local_heads(self.config, self.tp)
+        load_weights(self, self._take_frequency_factors(weights), FUSED, {"q_proj": heads, "k_proj": kv_heads})
 
     def _take_frequency_factors(self, weights: Iterable[tuple[str, torch.Tensor]]):
         for name, tensor in weights:

@@ -1,4 +1,5 @@
 """Checkpoint to model: Hugging Face folders (safetensors, single or sharded) and GGUF files."""
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from models.layers import GatedMLP, Linear, RMSNorm
 from models.llama import LlamaDecoderLayer
 from models.native import NativeKernels, pick_kernels
 from models.options import LOAD_FORMATS, QUANTIZATIONS
+from models.parallel import TensorParallel, check_split, checkpoint_slice, local_heads, take_slice
 from models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -55,16 +57,34 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(folder: Path, cfg: ModelConfig, tp: TensorParallel) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor, or the rank's slice of it, read alone from the file."""
     for file in _safetensors_files(folder):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                how = checkpoint_slice(name, cfg, tp)
+                if not isinstance(how, tuple):
+                    yield name, take_slice(f.get_tensor(name), how, tp.rank)
+                    continue
+                dim, start, stop = how
+                view = f.get_slice(name)
+                shape = view.get_shape()
+                index = tuple(slice(start, min(stop, shape[d])) if d == dim else slice(None) for d in range(len(shape)))
+                yield name, take_slice(view[index], (dim, 0, stop - start), tp.rank)  # pads a short vocabulary
 
 
-def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
-               grids: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor dequantized to float32, and with `grids` each quantized one's block grid (see `models.quant`)."""
+def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig, grids: bool,
+               tp: TensorParallel) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor dequantized to float32, and with `grids` each quantized one's block grid (see `models.quant`); the
+    rank's slices of them, one tensor whole in memory at a time."""
+    for name, tensor in _iter_gguf_whole(reader, model_cls, cfg, grids):
+        how = checkpoint_slice(name, cfg, tp)
+        if how != "drop":
+            yield name, take_slice(tensor, how, tp.rank)
+
+
+def _iter_gguf_whole(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
+                     grids: bool) -> Iterator[tuple[str, torch.Tensor]]:
     for t in reader.tensors:
         # GGUF lists dimensions innermost first; numpy's shape (and dequantize's result) is outermost first.
         shape = tuple(reversed([int(d) for d in t.shape]))
@@ -80,7 +100,7 @@ def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kernel_backend: str = "auto",
                quantization: str = "auto", kv_cache_dtype: torch.dtype = torch.float32,
-               load_format: str = "auto") -> nn.Module:
+               load_format: str = "auto", tp: TensorParallel = TensorParallel()) -> nn.Module:
     """Build the model for the checkpoint at `path` on `device`, fill its weights, and give its attention, RMSNorm,
     MLP activation, linear and (Llama) decoder layers the native kernels that `kernel_backend` picks (see
     `models.native.pick_kernels`), compiled for a KV cache of `kv_cache_dtype`, with the linear weights
@@ -88,7 +108,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
     `int4` every linear weight in blocks of that many bits (see `models.quant`). With the native kernels the
     activations are float32 and `dtype` (float32 or bfloat16) is that of the float linear weights; without them the
     whole model is in `dtype`. Quantized weights need the native kernels. `load_format` `dummy` fills the weights
-    randomly and reads none from the checkpoint (its config alone): for benchmarks of a model's shape."""
+    randomly and reads none from the checkpoint (its config alone): for benchmarks of a model's shape. With `tp` of
+    several ranks, the model holds this rank's share of each layer (`models.parallel`) and reads only that."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if load_format not in LOAD_FORMATS:
@@ -103,16 +124,19 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
         reader = open_gguf(path)
         cfg = _gguf_config(reader)
         cls = model_class(cfg.architecture)
-        weights = _iter_gguf(reader, cls, cfg, grids=kernels_usable and quantization != "none")
+        weights = _iter_gguf(reader, cls, cfg, kernels_usable and quantization != "none", tp)
     else:
         cfg = load_config(path)
         cls = model_class(cfg.architecture)
-        weights = _iter_safetensors(path)
-    kernels = pick_kernels(kernel_backend, cfg, dtype, device, kv_cache_dtype)
+        weights = _iter_safetensors(path, cfg, tp)
+    check_split(cfg, tp.size)
+    heads, kv_heads = local_heads(cfg, tp)
+    local = dataclasses.replace(cfg, num_heads=heads, num_kv_heads=kv_heads)  # what this rank's kernels see
+    kernels = pick_kernels(kernel_backend, local, dtype, device, kv_cache_dtype)
     if kernels is None and quantization in ("int8", "int4"):
         raise ValueError(f"--quantization {quantization} needs the native kernels, which did not compile")
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, tp)
     # In its dtype from the start (no float32 copy on the GPU); float32 for the kernels, which pack the weights.
     model = model.to(dtype if kernels is None else torch.float32).to_empty(device=device)
     if load_format == "dummy":
@@ -122,7 +146,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kerne
     model.rotary.inv_freq = model.rotary.inv_freq.to(device)  # once: a copy from the host each step stalls a GPU
     if kernels is not None:
         _use_kernels(model, kernels, quantization, dtype)
-    elif (attention := _triton_attention(kernel_backend, cfg, device)) is not None:
+    elif (attention := _triton_attention(kernel_backend, local, device)) is not None:
         for module in model.modules():
             if isinstance(module, PagedAttention):
                 module.decode_kernel = attention
@@ -166,7 +190,7 @@ def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "
     as `quantization` asks, the others in `dtype`."""
     if model.lm_head is None:  # tied: the head gets a packed copy, the embedding keeps looking rows up
         with torch.device("meta"):
-            model.lm_head = Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+            model.lm_head = Linear(*reversed(model.model.embed_tokens.weight.shape), bias=False)
         model.lm_head.weight = model.model.embed_tokens.weight
         setattr(model.lm_head, quant.GRID, getattr(model.model.embed_tokens, quant.GRID, None))
     linears: Counter = Counter()
@@ -180,8 +204,8 @@ def _use_kernels(model: nn.Module, kernels: NativeKernels, quantization: str = "
         elif isinstance(module, Linear):
             linears[_pack_linear(module, kernels, quantization, dtype, head=module is model.lm_head)] += 1
     log.warning("linear layers: %s", ", ".join(f"{count} in {bits}" for bits, count in sorted(linears.items())))
-    for layer in model.model.layers:  # once their weights are packed
-        if isinstance(layer, LlamaDecoderLayer):
+    for layer in model.model.layers:  # once their weights are packed; a layer split over ranks sums between its halves
+        if isinstance(layer, LlamaDecoderLayer) and layer.tp.size == 1:
             layer.decode_kernel = kernels.llama_layer.bind(layer)
 
 

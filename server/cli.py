@@ -10,6 +10,7 @@ import uvicorn
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.worker import serve_if_torchrun_worker
 from models.default_model import DEFAULT_MODEL
 from server.app import build_app
 from server.chat import choose_template
@@ -24,7 +25,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format,
-        enforce_eager=args.enforce_eager, block_size=args.block_size,
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
         engine_config, config = configs(args)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
+    serve_if_torchrun_worker(engine_config)
     metrics = Metrics()
 
     def load() -> Served:

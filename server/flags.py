@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in the native kernels: auto keeps a GGUF's quantized weights so (Q8_0, Q4_0, Q4_1, Q4_K as "
                         "they are; other types in 8 bits), none runs float32, int8 and int4 quantize every linear "
                         "weight at load")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks (GPUs, or processes on the CPU), Megatron-style; each "
+                        "holds 1/N of the weights and of the KV cache")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="dummy: random weights of the checkpoint's shape, none read from its files (benchmarks)")
     p.add_argument("--enforce-eager", action="store_true",
