@@ -131,7 +131,8 @@ def main() -> None:
         llm = LLM(str(write_checkpoint_folder(Path(folder), config)), load_format="dummy",
                   dtype=str(dtype).removeprefix("torch."), device=args.device,
                   kernel_backend="auto" if device.type == "cuda" else "torch", max_num_seqs=max(args.batches),
-                  max_model_len=length + new + 16, enforce_eager=args.enforce_eager)
+                  max_model_len=length + new + 16, enforce_eager=args.enforce_eager,
+                  num_kv_blocks=max(args.batches) * -(-(length + new + 16) // 16))  # every sequence at once
     llm.engine.runner.model.load_weights(hf.named_parameters())  # in place: the recorded graphs still hold
     del hf
     if device.type == "cuda":

@@ -5,9 +5,11 @@ hits alike: the same call as the native CPU kernel's (`PagedDecodeKernel`), so i
 
 A program takes a tile of up to TILE consecutive queries of one sequence and one KV head: its rows are (query, head
 of the group), each with its own context length (a prompt's causal mask), and it walks the longest of them in
-chunks of CHUNK tokens with an online softmax (flash attention's rescaling). The grid is (sequences, tiles of the
-longest run of queries a sequence can have, KV heads); tiles past a sequence's queries return at once. It runs on the
-CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which is how it is tested without a GPU."""
+chunks of CHUNK tokens with an online softmax (flash attention's rescaling). The grid is (tiles, KV heads): in a
+decode batch one program a sequence; with prompts, each sequence's tiles in a run of programs that a binary search
+over the query starts finds (the host never reads the batch's lengths, so a CUDA graph can record the launch), with
+at most one spare program a sequence, which returns at once. It runs on the CPU under Triton's interpreter
+(`TRITON_INTERPRET=1`), which is how it is tested without a GPU."""
 import torch
 import triton
 import triton.language as tl
@@ -16,13 +18,25 @@ TILE = 16  # queries of one sequence in a program
 CHUNK = 32  # context tokens a loop step reads
 
 
-@triton.jit
-def _paged_attention(q, keys, values, out, block_tables, query_starts, context_lens, scale, table_width, block_size,
-                     GROUP: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
-                     ROWS: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, EXACT: tl.constexpr):
-    seq, tile, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+@triton.jit(do_not_specialize=["num_seqs", "table_width"])  # they change step by step: one compile serves all
+def _paged_attention(q, keys, values, out, block_tables, query_starts, context_lens, scale, num_seqs, table_width,
+                     block_size, GROUP: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     DIM: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
+                     EXACT: tl.constexpr):
+    program, head = tl.program_id(0), tl.program_id(1)
+    seq, first_tile = program, program  # decode: a program a sequence
+    if TILE > 1:  # the sequence whose tiles hold this program: the last s whose first tile is at or before it
+        low, high = 0, num_seqs - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if (tl.load(query_starts + middle) // TILE).to(tl.int32) + middle <= program:
+                low = middle
+            else:
+                high = middle - 1
+        seq = low
+        first_tile = (tl.load(query_starts + seq) // TILE).to(tl.int32) + seq
     begin, end = tl.load(query_starts + seq), tl.load(query_starts + seq + 1)
-    first = begin + tile * TILE
+    first = begin + (program - first_tile) * TILE
     if first < end:
         context = tl.load(context_lens + seq)
         rows, dims = tl.arange(0, ROWS), tl.arange(0, DIM)
@@ -90,11 +104,12 @@ class TritonPagedAttention:
         out = torch.empty_like(q)
         if seqs == 0:
             return out
-        most_queries = len(q) - seqs + 1  # every sequence has at least one query
-        tile = TILE if most_queries > 1 else 1  # decode: one query a sequence
-        grid = (seqs, triton.cdiv(most_queries, tile), self.num_kv_heads)
+        tile = TILE if len(q) > seqs else 1  # decode: one query a sequence, one program each
+        # Sequence s's tiles are programs s + query_starts[s] // tile onwards: at most one more than its queries
+        # fill, so len(q) // tile + seqs programs hold them all (a decode batch needs seqs).
+        grid = (len(q) // tile + seqs if tile > 1 else seqs, self.num_kv_heads)
         _paged_attention[grid](q, cache[0], cache[1], out, block_tables, query_starts.contiguous(),
-                               context_lens.contiguous(), scale, block_tables.shape[1], cache.shape[2],
+                               context_lens.contiguous(), scale, seqs, block_tables.shape[1], cache.shape[2],
                                **self.constants(tile, q.dtype == torch.float32 and cache.dtype == torch.float32))
         return out
 

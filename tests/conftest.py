@@ -1,8 +1,12 @@
 import os
+import sys
 
-# Triton's kernels run under its CPU interpreter in the tests (tests/test_triton_attention.py). Triton reads this as
-# its modules are imported, and transformers imports it with itself: so it is set before any test module loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton's kernels run under its CPU interpreter in the tests (tests/test_triton_attention.py), unless they run on a
+# GPU (`--device cuda`). Triton reads this as its modules are imported, and transformers imports it with itself: so
+# it is set before any test module loads.
+_ON_CUDA = "--device=cuda" in sys.argv or ("--device", "cuda") in zip(sys.argv, sys.argv[1:])
+if not _ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,21 +36,26 @@ def test_decode_matches_the_pytorch_path(heads, kv_heads, head_dim, block_size):
         kernel(q[..., 1:], cache, tables, lens, scale)
 
 
-@pytest.mark.parametrize("heads, kv_heads, block_size", [(9, 3, 16), (4, 4, 1)])
-def test_prompts_over_a_cached_prefix_beside_decodes(heads, kv_heads, block_size):
-    """Through PagedAttention.forward, as the runner calls it: a prompt chunk of more than a tile of queries over
-    a partly cached prefix, a whole fresh prompt, then two decoding sequences."""
+@pytest.mark.parametrize("heads, kv_heads, block_size, new_tokens, context", [
+    (9, 3, 16, [TILE + 5, 9, 1, 1], [TILE + 5 + 27, 9, 20, 33]),
+    (4, 4, 1, [TILE + 5, 9, 1, 1], [TILE + 5 + 27, 9, 20, 33]),
+    # seven sequences whose tiles straddle TILE's multiples in the flat batch: the kernel's search for its sequence
+    (4, 2, 5, [2 * TILE, TILE + 1, TILE - 1, 3, 2, 1, 1], [2 * TILE + 40, TILE + 1, TILE + 10, 3, 50, 7, 1]),
+])
+def test_prompts_over_a_cached_prefix_beside_decodes(heads, kv_heads, block_size, new_tokens, context):
+    """Through PagedAttention.forward, as the runner calls it: prompt chunks of more than a tile of queries over
+    partly cached prefixes, whole fresh prompts, then decoding sequences."""
     head_dim = 32
-    new_tokens, context = [TILE + 5, 9, 1, 1], [TILE + 5 + 27, 9, 20, 33]
     _, cache, tables, _ = paged_case(heads, kv_heads, head_dim, block_size, context)
     generator = torch.Generator().manual_seed(2)
     tokens = sum(new_tokens)
     new = [torch.randn(tokens, h, head_dim, generator=generator) for h in (heads, kv_heads, kv_heads)]
     slots = [tables[i, p // block_size] * block_size + p % block_size
              for i, (n, c) in enumerate(zip(new_tokens, context)) for p in range(c - n, c)]
-    meta = AttentionMetadata(query_lens=new_tokens, context_lens=context, num_prefills=2,
+    prefills = sum(n > 1 for n in new_tokens)
+    meta = AttentionMetadata(query_lens=new_tokens, context_lens=context, num_prefills=prefills,
                              slot_mapping=torch.tensor(slots), block_tables=tables,
-                             decode_context_lens=torch.tensor(context[2:]))
+                             decode_context_lens=torch.tensor(context[prefills:]))
     layer = PagedAttention(heads, kv_heads, head_dim)
     expected = layer(*new, cache.clone(), meta)
     layer.decode_kernel = TritonPagedAttention(heads, kv_heads, head_dim)

@@ -16,7 +16,7 @@ def main(capability: int) -> None:
     for dtype, tile in (("bf16", 1), ("bf16", TILE), ("fp32", TILE)):
         signature = {name: f"*{dtype}" for name in ("q", "keys", "values", "out")}
         signature |= {name: "*i64" for name in ("block_tables", "query_starts", "context_lens")}
-        signature |= {"scale": "fp32", "table_width": "i32", "block_size": "i32"}
+        signature |= {"scale": "fp32", "num_seqs": "i32", "table_width": "i32", "block_size": "i32"}
         constants = kernel.constants(tile, exact=dtype == "fp32")
         source = ASTSource(fn=_paged_attention, signature=signature | {name: "constexpr" for name in constants},
                            constexprs=constants)
