@@ -77,6 +77,7 @@ class RankGroup:
         self.size, self.failure = config.tensor_parallel_size, None
         self._callbacks: list[Callable[[Exception], None]] = []
         self.workers: list[subprocess.Popen] = []
+        atexit.register(self.close)
         if launched_by_torchrun():
             join(0, self.size, "env://", device)
             return
@@ -85,7 +86,6 @@ class RankGroup:
                           "address": address})
         start = "import sys; from engine.worker import main; main(sys.argv)"
         self.workers = [subprocess.Popen([sys.executable, "-c", start, str(rank), job]) for rank in range(1, self.size)]
-        atexit.register(self.close)
         threading.Thread(target=self._watch, name="rank-watch", daemon=True).start()
         join(0, self.size, address, device)
 

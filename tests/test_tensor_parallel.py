@@ -3,7 +3,9 @@ random checkpoints with real vocabularies: the offline API, the server through t
 killed mid-request, and the loaders reading each rank's slices alone."""
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import httpx
@@ -16,7 +18,7 @@ from engine import LLM, SamplingParams
 from models.loader import _iter_gguf, _iter_safetensors, load_config
 from models.parallel import TensorParallel, checkpoint_slice
 from models.registry import model_class
-from tests.helpers import assert_idle, faults, running_server, start_server, stop_server, tiny_checkpoint
+from tests.helpers import assert_idle, faults, running_server, start_server, status, stop_server, tiny_checkpoint
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -200,7 +202,7 @@ def test_a_rank_killed_mid_request_takes_the_server_down(llama_folder):
             rest = list(lines)
             assert any("error" in line for line in rest), rest[-5:]  # the stream ends with an error event
         while proc.poll() is None and time.monotonic() - killed < 30:
-            statuses.append(_health(url))
+            statuses.append(status(f"{url}/health"))
             time.sleep(0.1)
         assert proc.poll() not in (None, 0)
         assert 503 in statuses
@@ -208,8 +210,31 @@ def test_a_rank_killed_mid_request_takes_the_server_down(llama_folder):
         stop_server(proc)
 
 
-def _health(url: str) -> int | None:
+
+
+def test_torchrun_starts_the_ranks_and_rank_0_serves(llama_folder, tmp_path):
+    """`torchrun --nproc-per-node 2 -m server -tp 2`: every rank runs the server's command, rank 1 turns into rank
+    0's worker."""
+    expected = LLM(str(llama_folder), **ENGINE).generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8))
+    with socket.socket() as first, socket.socket() as second:  # the server's port and the ranks' rendezvous
+        first.bind(("127.0.0.1", 0))
+        second.bind(("127.0.0.1", 0))
+        port, rendezvous = first.getsockname()[1], second.getsockname()[1]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", str(rendezvous), "-m", "server",
+                                 "--model", str(llama_folder), "-tp", "2", "--num-kv-blocks", "128", "--dtype",
+                                 "float32", "--block-size", "4", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        return httpx.get(f"{url}/health", timeout=1).status_code
-    except httpx.HTTPError:
-        return None
+        deadline = time.time() + 180
+        while status(f"{url}/ready") != 200:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        out = client.completions.create(model=str(llama_folder), prompt=PROMPTS[0], temperature=0, max_tokens=8)
+        assert out.choices[0].text == expected[0].outputs[0].text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
