@@ -18,6 +18,8 @@ from engine import LLM, SamplingParams
 from models.loader import _iter_gguf, _iter_safetensors, load_config
 from models.parallel import TensorParallel, checkpoint_slice
 from models.registry import model_class
+from server.cli import configs
+from server.flags import parse_args
 from tests.helpers import assert_idle, faults, running_server, start_server, status, stop_server, tiny_checkpoint
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -116,6 +118,13 @@ def test_splits_that_cannot_be_made_are_refused_at_start(tmp_path, shape, size, 
     folder = tiny_checkpoint(tmp_path, LlamaForCausalLM, config, *LLAMA_2)
     with pytest.raises(ValueError, match=message):
         LLM(str(folder), tensor_parallel_size=size, **ENGINE)
+
+
+def test_the_flag_and_argument_take_a_positive_count():
+    engine, _ = configs(parse_args(["-tp", "2"]))
+    assert engine.tensor_parallel_size == 2
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1, got 0"):
+        LLM(None, tensor_parallel_size=0)
 
 
 @pytest.mark.parametrize("name", ["llama-2-gqa", "command-r-qk-norm"])
