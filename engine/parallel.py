@@ -76,6 +76,7 @@ class RankGroup:
         RankGroup._active = self
         self.size, self.failure = config.tensor_parallel_size, None
         self._callbacks: list[Callable[[Exception], None]] = []
+        self._started = threading.Event()
         self.workers: list[subprocess.Popen] = []
         atexit.register(self.close)
         if launched_by_torchrun():
@@ -97,6 +98,10 @@ class RankGroup:
     def on_failure(self, callback: Callable[[Exception], None]) -> None:
         self._callbacks.append(callback)
 
+    def started(self) -> None:
+        """Every rank has loaded its share: from now on a death reaches the `on_failure` callbacks."""
+        self._started.set()
+
     def _watch(self) -> None:
         while self.failure is None:
             for rank, worker in enumerate(self.workers, start=1):
@@ -105,8 +110,16 @@ class RankGroup:
                     log.error("%s", self.failure)
                     for callback in self._callbacks:
                         callback(RuntimeError(self.failure))
+                    self._unless_starting_ends(seconds=10)
                     return
             time.sleep(0.2)
+
+    def _unless_starting_ends(self, seconds: float) -> None:
+        """A rank that dies before it joins leaves rank 0 waiting for it inside torch.distributed, which nothing can
+        interrupt: if the start neither ends nor fails within `seconds`, exit the process."""
+        if not self._started.wait(seconds) and RankGroup._active is self:
+            log.error("rank 0 is stuck waiting for the rank that died while starting: exiting")
+            os._exit(1)
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them and leave the process group (at exit, or for a new group)."""
@@ -125,7 +138,8 @@ class RankGroup:
                 worker.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 worker.kill()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def receive() -> tuple[str, object]:

@@ -87,6 +87,17 @@ class ModelRunner:
         self.tokens_per_forward = CPU_TOKENS_PER_FORWARD if self.device.type == "cpu" else None
         self.chunked_prefill_tokens = CHUNKED_PREFILL_TOKENS[self.device.type]
         self.group = self._start_ranks(config, model_path, checkpoint, max_model_len) if self.tp.leads else None
+        try:
+            self._load(config, model_path, checkpoint, max_model_len)
+        except BaseException:
+            if self.group is not None:  # the other ranks fail with us: their peer is gone
+                self.group.close()
+            raise
+        if self.group is not None:
+            self.group.started()
+
+    def _load(self, config: EngineConfig, model_path, checkpoint: ModelConfig, max_model_len: int) -> None:
+        """This rank's share of the model, its KV cache and, on CUDA, its decode graphs."""
         self.model = load_model(model_path, self.dtype, self.device, config.kernel_backend,
                                 config.quantization, self.kv_cache_dtype, config.load_format, self.tp)
         kv_heads = local_heads(checkpoint, self.tp)[1]

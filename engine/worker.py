@@ -18,8 +18,6 @@ from engine.runner import ModelRunner, resolve_device
 from models.default_model import resolve_model
 from models.loader import load_config
 
-log = logging.getLogger(__name__)
-
 
 def run_worker(config: EngineConfig, model_path, rank: int, address: str, max_model_len: int | None = None) -> None:
     device = device_for_rank(resolve_device(config.device), rank)

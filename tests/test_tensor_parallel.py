@@ -247,3 +247,26 @@ def test_torchrun_starts_the_ranks_and_rank_0_serves(llama_folder, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+STARTS_A_DYING_RANK = """
+import os, signal, subprocess, sys, threading
+import engine.parallel
+from engine import LLM
+popen = subprocess.Popen
+def killed_at_once(*args, **kwargs):
+    worker = popen(*args, **kwargs)
+    threading.Timer(0.3, os.kill, (worker.pid, signal.SIGKILL)).start()
+    return worker
+engine.parallel.subprocess.Popen = killed_at_once
+LLM(sys.argv[1], dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)
+print("started")
+"""
+
+
+def test_a_rank_that_dies_while_starting_ends_the_process(llama_folder):
+    """Rank 0 waits inside torch.distributed for a rank that will never join: it exits 1 instead of hanging."""
+    result = subprocess.run([sys.executable, "-c", STARTS_A_DYING_RANK, str(llama_folder)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "started" not in result.stdout
+    assert "tensor-parallel rank 1 exited with code -9" in result.stderr
