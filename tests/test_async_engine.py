@@ -29,6 +29,9 @@ class _BreaksOnStep:
     def abort(self, request_id):
         pass
 
+    def on_failure(self, callback):
+        pass  # a single process: no rank to lose
+
 
 def test_in_flight_requests_hear_of_a_dead_loop_and_new_ones_are_refused():
     engine = AsyncLLMEngine(_BreaksOnStep())
