@@ -39,7 +39,13 @@ class AsyncLLMEngine:
         self._step_started: float | None = None  # monotonic time the step in progress began; None between steps
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
-        engine.on_failure(lambda error: self._inbox.put(("fail", None, error)))  # a rank died, even while idle
+        engine.on_failure(self._lost_a_rank)
+
+    def _lost_a_rank(self, error: Exception) -> None:
+        """A tensor-parallel rank died: no step can run. Unhealthy at once; the loop stops at its next message, even
+        while idle (a step in progress fails by itself)."""
+        self.error = self.error or error
+        self._inbox.put(("fail", None, error))
 
     @property
     def alive(self) -> bool:

@@ -180,9 +180,10 @@ class ModelRunner:
 
     def _on_every_rank(self, order: str, payload):
         """Do `order` here and, with tensor parallelism, have every other rank do it with us."""
-        if self.group is not None:
-            self.group.send(order, payload)
-        return self.handle(order, payload)
+        if self.group is None:
+            return self.handle(order, payload)
+        with self.group.leading(order, payload):
+            return self.handle(order, payload)
 
     @torch.inference_mode()
     def handle(self, order: str, payload) -> torch.Tensor | None:

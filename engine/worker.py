@@ -21,11 +21,11 @@ from models.loader import load_config
 
 def run_worker(config: EngineConfig, model_path, rank: int, address: str, max_model_len: int | None = None) -> None:
     device = device_for_rank(resolve_device(config.device), rank)
-    join(rank, config.tensor_parallel_size, address, device)
+    orders = join(rank, config.tensor_parallel_size, address, device)
     checkpoint = load_config(model_path)
     runner = ModelRunner(config, model_path, checkpoint,
                          max_model_len or config.max_model_len or checkpoint.max_position_embeddings, rank=rank)
-    while (order := receive())[0] != "stop":
+    while (order := receive(orders))[0] != "stop":
         runner.handle(*order)
 
 

@@ -126,7 +126,8 @@ def checkpoint_slice(name: str, cfg: ModelConfig, tp: TensorParallel) -> tuple[i
         start, stop = tp.span(total)
         if attr == "weight":
             return 1, start, stop
-        # A quantized weight's block grid (models/quant.py): whole blocks of inputs, or none (re-quantized at load)
+        # A quantized weight's block grid (models/quant.py): whole blocks of inputs, or none when a share is no whole
+        # number of blocks (that projection then runs in float)
         return (1, start // BLOCK, stop // BLOCK) if start % BLOCK == stop % BLOCK == 0 else "drop"
     if part in _VOCAB_ROWS:
         return (0, *tp.vocab_span(cfg.vocab_size))
