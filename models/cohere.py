@@ -70,7 +70,12 @@ class CohereForCausalLM(CausalLM):
         load_weights(self, weights, FUSED, rotary_heads={})  # checkpoints already rotate interleaved pairs
 
     @staticmethod
-    def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
-        """llama.cpp's `command-r` names; its rows are already in the interleaved order Cohere uses."""
-        layer_names = {**GGUF_LAYER, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-        return gguf_name_to_hf(name, layer_names)[0], tensor
+    def gguf_name(name: str) -> str:
+        """llama.cpp's `command-r` names."""
+        return gguf_name_to_hf(name, {**GGUF_LAYER, "attn_q_norm": "self_attn.q_norm",
+                                      "attn_k_norm": "self_attn.k_norm"})[0]
+
+    @classmethod
+    def gguf_to_hf(cls, name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
+        """Its rows are already in the interleaved order Cohere uses."""
+        return cls.gguf_name(name), tensor

@@ -82,9 +82,14 @@ class LlamaForCausalLM(CausalLM):
                 yield name, tensor
 
     @staticmethod
+    def gguf_name(name: str) -> str:
+        return FREQUENCY_FACTORS if name == "rope_freqs.weight" else gguf_name_to_hf(name, GGUF_LAYER)[0]
+
+    @staticmethod
     def gguf_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
-        """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections, so that
-        both checkpoint formats reach `load_weights` as transformers holds them."""
+        """Rename a GGUF tensor and undo llama.cpp's rotary row order of the Q and K projections (whole heads: `cfg`
+        counts those the tensor holds), so that both checkpoint formats reach `load_weights` as transformers holds
+        them."""
         if name == "rope_freqs.weight":
             return FREQUENCY_FACTORS, tensor
         hf_name, part = gguf_name_to_hf(name, GGUF_LAYER)

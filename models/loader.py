@@ -75,27 +75,28 @@ def _iter_safetensors(folder: Path, cfg: ModelConfig, tp: TensorParallel) -> Ite
 
 def _iter_gguf(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig, grids: bool,
                tp: TensorParallel) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor dequantized to float32, and with `grids` each quantized one's block grid (see `models.quant`); the
-    rank's slices of them, one tensor whole in memory at a time."""
-    for name, tensor in _iter_gguf_whole(reader, model_cls, cfg, grids):
-        how = checkpoint_slice(name, cfg, tp)
-        if how != "drop":
-            yield name, take_slice(tensor, how, tp.rank)
-
-
-def _iter_gguf_whole(reader: gguf.GGUFReader, model_cls, cfg: ModelConfig,
-                     grids: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor dequantized to float32, and with `grids` each quantized one's block grid (see `models.quant`); of a
+    tensor that ranks split by rows, only this rank's rows are dequantized (its raw rows, read alone from the file)."""
+    heads, kv_heads = local_heads(cfg, tp)
+    local = dataclasses.replace(cfg, num_heads=heads, num_kv_heads=kv_heads)  # Q/K rows regroup head by head
     for t in reader.tensors:
         # GGUF lists dimensions innermost first; numpy's shape (and dequantize's result) is outermost first.
         shape = tuple(reversed([int(d) for d in t.shape]))
-        array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        name = model_cls.gguf_name(t.name)
+        how, raw = checkpoint_slice(name, cfg, tp), t.data
+        if isinstance(how, tuple) and how[0] == 0:  # rows: slice the raw blocks; pad a short vocabulary afterwards
+            _, start, stop = how
+            raw, how = raw[start:min(stop, shape[0])], (0, 0, stop - start)
+            shape = (len(raw), *shape[1:])
+        array = gguf.quants.dequantize(raw, t.tensor_type).reshape(shape)
         if not array.flags.writeable:  # unquantized tensors come straight from the read-only memory map
             array = array.copy()
-        yield model_cls.gguf_to_hf(t.name, torch.from_numpy(array), cfg)
-        grid = quant.gguf_grid(t.data, t.tensor_type, math.prod(shape[:-1]), shape[-1]) if grids else None
-        if grid is not None:
-            name, grid = model_cls.gguf_to_hf(t.name, grid.reshape(*shape[:-1], -1, 2), cfg)
-            yield f"{name}_grid", grid  # "<...>.weight_grid": quant.GRID
+        yield name, take_slice(model_cls.gguf_to_hf(t.name, torch.from_numpy(array), local)[1], how, tp.rank)
+        grid = quant.gguf_grid(raw, t.tensor_type, math.prod(shape[:-1]), shape[-1]) if grids else None
+        grid_how = checkpoint_slice(f"{name}_grid", cfg, tp) if isinstance(how, tuple) and how[0] == 1 else how
+        if grid is not None and grid_how != "drop":
+            grid = model_cls.gguf_to_hf(t.name, grid.reshape(*shape[:-1], -1, 2), local)[1]
+            yield f"{name}_grid", take_slice(grid, grid_how, tp.rank)  # "<...>.weight_grid": quant.GRID
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, kernel_backend: str = "auto",
