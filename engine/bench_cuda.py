@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="ours without CUDA graphs")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke test of this script (float32, the PyTorch path; use --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="Llama-2-7B's vocabulary and head size, 64 wide")
+    parser.add_argument("--tiny", action="store_true", help="Llama-2-7B's vocabulary and head size, 256 wide")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -162,7 +162,7 @@ def report_ours(llm: LLM, args: argparse.Namespace, vocab: int, theirs: dict[int
           f"({weight_bytes / 1e9:.1f} GB of weights a token)", flush=True)
     ours = {}
     for batch in args.batches:
-        outputs, elapsed = generate(llm, random_prompts(batch, length, vocab, seed=100 + batch), new)
+        _, elapsed = generate(llm, random_prompts(batch, length, vocab, seed=100 + batch), new)
         ours[batch] = batch * new / elapsed
         ratio = f", {ours[batch] / theirs[batch]:.2f}x transformers" if batch in theirs else ""
         print(f"ours, {batch} sequences: {ours[batch]:.1f} output tokens/s{ratio}", flush=True)

@@ -60,15 +60,18 @@ def _log_dir() -> Path:
     return Path(folder.name)
 
 
-def start_server(*args: str, env: dict | None = None, wait: bool = True) -> tuple[subprocess.Popen, str]:
-    """`python -m server ARGS` on a free port of 127.0.0.1 in a process group of its own, its output in a
-    log file whose end a failure to start shows; with `wait`, returns once /ready says 200."""
+def start_server(*args: str, env: dict | None = None, wait: bool = True,
+                 launcher: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`python LAUNCHER -m server ARGS` (a launcher such as torchrun's `-m torch.distributed.run ...`) on a free port
+    of 127.0.0.1 in a process group of its own, its output in a log file whose end a failure to start shows; with
+    `wait`, returns once /ready says 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = _log_dir() / f"server-{port}.log"
     with open(log, "w") as out:  # the child keeps its own copy of the file
-        proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, *launcher, "-m", "server", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)],
                                 env={**os.environ, **(env or {})}, start_new_session=True, stdout=out,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

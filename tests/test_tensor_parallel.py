@@ -221,26 +221,17 @@ def test_a_rank_killed_mid_request_takes_the_server_down(llama_folder):
 
 
 
-def test_torchrun_starts_the_ranks_and_rank_0_serves(llama_folder, tmp_path):
+def test_torchrun_starts_the_ranks_and_rank_0_serves(llama_folder):
     """`torchrun --nproc-per-node 2 -m server -tp 2`: every rank runs the server's command, rank 1 turns into rank
     0's worker."""
     expected = LLM(str(llama_folder), **ENGINE).generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8))
-    with socket.socket() as first, socket.socket() as second:  # the server's port and the ranks' rendezvous
-        first.bind(("127.0.0.1", 0))
-        second.bind(("127.0.0.1", 0))
-        port, rendezvous = first.getsockname()[1], second.getsockname()[1]
-    with open(tmp_path / "torchrun.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                 "--master-port", str(rendezvous), "-m", "server",
-                                 "--model", str(llama_folder), "-tp", "2", "--num-kv-blocks", "128", "--dtype",
-                                 "float32", "--block-size", "4", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    with socket.socket() as s:  # the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        rendezvous = s.getsockname()[1]
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(rendezvous))
+    proc, url = start_server("--model", str(llama_folder), "-tp", "2", "--num-kv-blocks", "128", "--dtype",
+                             "float32", "--block-size", "4", launcher=torchrun)
     try:
-        deadline = time.time() + 180
-        while status(f"{url}/ready") != 200:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
-            time.sleep(0.5)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
         out = client.completions.create(model=str(llama_folder), prompt=PROMPTS[0], temperature=0, max_tokens=8)
         assert out.choices[0].text == expected[0].outputs[0].text
@@ -249,8 +240,7 @@ def test_torchrun_starts_the_ranks_and_rank_0_serves(llama_folder, tmp_path):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            stop_server(proc)
 
 
 STARTS_A_DYING_RANK = """
